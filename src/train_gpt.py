@@ -221,7 +221,7 @@ SMOKE_PROFILE: dict[str, Any] = dict(
     bigram_dim=32, ve_dim=32, ve_layers="2,3", train_batch_tokens=8192, train_seq_len=256,
     grad_accum_steps=1, iterations=400, warmup_steps=2, warmdown_iters=120, max_wallclock_seconds=100.0,
     gptq_reserve_ms=0.0, val_loss_every=100, train_log_every=25, val_batch_size=16384,
-    muon_momentum_warmup_steps=100, matrix_lr_early=0.02, matrix_lr_late=0.025, late_qat_min_step=200,
+    muon_momentum_warmup_steps=100, bank_split=2, matrix_lr_early=0.02, matrix_lr_late=0.025, late_qat_min_step=200,
     gptq_calib_samples=4, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16, slot_steps=4,
     ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8,
 )
@@ -465,3 +465,580 @@ class TokenSampler:
                 rows_t = rows_t.pin_memory().to(device, non_blocking=True)
             batches.append((rows_t[:, :-1], rows_t[:, 1:]))
         return batches
+
+
+def build_smoke_corpus(data_path: str | Path, tokenizer: Any, val_fraction: float = 0.1) -> None:
+    """Shards for the embedded default, from the documentation every Python carries.
+
+    pydoc's topic pages (the language reference, about 0.45 MB of English) are split
+    into paragraphs, each a document with BOS in front; the first tenth is validation.
+    """
+    import pydoc_data.topics
+
+    documents = [paragraph.strip() for _, page in sorted(pydoc_data.topics.topics.items())
+                 for paragraph in page.split("\n\n") if len(paragraph.strip()) > 40]
+    token_lists = [[BOS_ID] + tokenizer.encode(document) for document in documents]
+    split = max(1, int(len(token_lists) * val_fraction))
+    # Validation from the end of the alphabet and training from the start, so the two
+    # share no pages.
+    val = np.concatenate([np.array(t) for t in token_lists[-split:]])
+    train = np.concatenate([np.array(t) for t in token_lists[:-split]])
+    write_shard(Path(data_path) / "fineweb_val_000000.bin", val)
+    write_shard(Path(data_path) / "fineweb_train_000000.bin", train)
+
+
+# -----------------------------------------------------------------------------
+# MODEL
+# -----------------------------------------------------------------------------
+# Block weights live in four 3-D "banks" so Muon can orthogonalise a whole bank in
+# one batched call and shard it across ranks by its first axis:
+#   qo_bank   [2L, d, d]      q of layer i at i, attention out-projection at L + i
+#   kv_bank   [2L, kv, d]     k of layer i at i, v at L + i
+#   mlp_up_bank [L, h, d], mlp_down_bank [L, d, h]
+
+
+def flash_attention_3() -> Callable | None:
+    """FlashAttention-3's function when its Python interface is installed, else None."""
+    try:
+        from flash_attn_interface import flash_attn_func
+    except ImportError:
+        return None
+    return flash_attn_func
+
+
+FLASH_ATTENTION_3 = flash_attention_3()
+
+
+def use_flash_attention_3(device: torch.device) -> bool:
+    return (FLASH_ATTENTION_3 is not None and device.type == "cuda"
+            and torch.cuda.get_device_capability(device)[0] == 9)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal GQA attention on [B, T, heads, D] tensors; returns [B, T, H, D]."""
+    if q.is_cuda and q.dtype == torch.bfloat16 and use_flash_attention_3(q.device):
+        out = FLASH_ATTENTION_3(q, k, v, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+
+
+def rotary_tables(seq_len: int, rope_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos/sin for partial RoPE, shaped [1, T, 1, rope_dims/2].
+
+    Quirk kept from the reference: the table believes training length is 1024, so at
+    longer lengths the base grows by (L/1024)^(rd/(rd-2)) (NTK-style scaling).
+    """
+    if seq_len > 1024:
+        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the first rope_dims dims of each head (pairs i and i + rope_dims/2)."""
+    half = cos.size(-1)
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
+
+
+def remove_self_value(y: Tensor, v: Tensor) -> Tensor:
+    """XSA: drop from each head's output its component along its own unit value vector."""
+    batch, seq, heads, dim = y.shape
+    kv_heads = v.size(2)
+    grouped = y.reshape(batch, seq, kv_heads, heads // kv_heads, dim)
+    unit_v = F.normalize(v, dim=-1).unsqueeze(3)
+    grouped = grouped - (grouped * unit_v).sum(-1, keepdim=True) * unit_v
+    return grouped.reshape(batch, seq, heads, dim)
+
+
+def soft_round_int6(weight: Tensor, sharpness: Tensor, clip_range: int = 31) -> Tensor:
+    """Late-QAT fake quantisation: per-row int6 grid with a differentiable rounding.
+
+    floor(w/s) + sigmoid(sharpness * (frac - 0.5)); sharpness 1 is nearly linear and 16
+    nearly a hard round.
+    """
+    w32 = weight.float()
+    scale = (w32.abs().amax(dim=1) / clip_range).clamp_min(1.0 / clip_range)[:, None]
+    scaled = w32 / scale
+    floor = scaled.floor()
+    rounded = floor + torch.sigmoid(sharpness * (scaled - floor - 0.5))
+    return rounded.clamp(-clip_range, clip_range) * scale
+
+
+class QATLinear(nn.Module):
+    """A bias-free linear layer that late QAT can switch to fake-quantised weights."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_features, in_features))
+        self.qat_sharpness: Tensor | None = None  # set by GPT.set_late_qat
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight
+        if self.qat_sharpness is not None and self.training:
+            weight = soft_round_int6(weight, self.qat_sharpness)
+        return F.linear(x, weight.to(x.dtype))
+
+
+class BigramHash(nn.Module):
+    """A hashed embedding of (previous token, token) pairs, projected to the width."""
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.zeros_(self.table.weight)
+        self.proj = QATLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def bucket_ids(self, tokens: Tensor) -> Tensor:
+        """(36313*x_t XOR 27191*x_{t-1}) mod (buckets-1); position 0 gets the last bucket."""
+        t = tokens.to(torch.int64)
+        mixed = torch.bitwise_xor(36313 * t[..., 1:], 27191 * t[..., :-1]) % (self.buckets - 1)
+        first = torch.full_like(t[..., :1], self.buckets - 1)
+        return torch.cat((first, mixed), dim=-1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.proj(self.table(self.bucket_ids(tokens))) * self.scale
+
+
+class ValueEmbedding(nn.Module):
+    """One token table added to the attention values of a few layers, each with its own scalar."""
+
+    def __init__(self, vocab_size: int, dim: int, kv_dim: int, num_layers: int):
+        super().__init__()
+        self.table = nn.Embedding(vocab_size, dim)
+        nn.init.normal_(self.table.weight, std=0.01)
+        self.proj = QATLinear(dim, kv_dim)
+        self.scale = nn.Parameter(torch.tensor(0.1))
+        self.layer_scales = nn.ParameterList([nn.Parameter(torch.ones(1)) for _ in range(num_layers)])
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.proj(self.table(tokens)) * self.scale
+
+
+class SmearGate(nn.Module):
+    """x_t <- (1-g) x_t + g x_{t-1}, with g = sigmoid(per-channel gate)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.sigmoid(self.gate).to(x.dtype)
+        previous = F.pad(x[:, :-1], (0, 0, 1, 0))
+        return torch.lerp(x, previous, g)
+
+
+class Attention(nn.Module):
+    def __init__(self, hp: Hyperparameters, use_xsa: bool):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = hp.model_dim // hp.num_heads
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.use_xsa = use_xsa
+        self.captured: dict[str, Tensor] | None = None  # GPTQ calibration inputs when set
+
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], q_w: Tensor, k_w: Tensor, v_w: Tensor,
+                out_w: Tensor, value_embed: Tensor | None) -> Tensor:
+        batch, seq, width = x.shape
+        if self.captured is not None:
+            self.captured["qkv"] = x.detach()
+        q = F.linear(x, q_w.to(x.dtype)).reshape(batch, seq, self.num_heads, self.head_dim)
+        k = F.linear(x, k_w.to(x.dtype)).reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        v = F.linear(x, v_w.to(x.dtype))
+        if value_embed is not None:
+            v = v + value_embed.to(v.dtype)
+        v = v.reshape(batch, seq, self.num_kv_heads, self.head_dim)
+        q = apply_rotary(F.rms_norm(q, (self.head_dim,)), *rotary)
+        k = apply_rotary(F.rms_norm(k, (self.head_dim,)), *rotary)
+        q = q * self.q_gain.to(q.dtype)[:, None]
+        y = causal_attention(q.to(v.dtype), k.to(v.dtype), v)
+        if self.use_xsa:
+            y = remove_self_value(y, v)
+        y = y.reshape(batch, seq, width)
+        if self.captured is not None:
+            self.captured["out"] = y.detach()
+        return F.linear(y, out_w.to(y.dtype))
+
+
+class MLP(nn.Module):
+    def __init__(self, negative_slope: float):
+        super().__init__()
+        self.negative_slope = negative_slope
+        self.captured: dict[str, Tensor] | None = None
+
+    def forward(self, x: Tensor, up_w: Tensor, down_w: Tensor) -> Tensor:
+        if self.captured is not None:
+            self.captured["up"] = x.detach()
+        hidden = F.leaky_relu(F.linear(x, up_w.to(x.dtype)), self.negative_slope).square()
+        if self.captured is not None:
+            self.captured["down"] = hidden.detach()
+        return F.linear(hidden, down_w.to(hidden.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters, layer: int):
+        super().__init__()
+        dim = hp.model_dim
+        self.attn = Attention(hp, use_xsa=layer >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(hp.negative_slope)
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))))
+        self.attn_scale = nn.Parameter(torch.ones(dim))
+        self.mlp_scale = nn.Parameter(torch.ones(dim))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1)  # deeper layers see smaller normed inputs
+
+    def forward(self, x: Tensor, x0: Tensor, rotary: tuple[Tensor, Tensor], weights: tuple[Tensor, ...],
+                value_embed: Tensor | None) -> Tensor:
+        q_w, k_w, v_w, out_w, up_w, down_w = weights
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        normed = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
+        x = x + self.attn_scale.to(x.dtype) * self.attn(normed, rotary, q_w, k_w, v_w, out_w, value_embed)
+        normed = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(normed, up_w, down_w)
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        dim, layers = hp.model_dim, hp.num_layers
+        kv_dim = hp.num_kv_heads * (dim // hp.num_heads)
+        self.num_layers, self.rope_dims, self.rope_base = layers, hp.rope_dims or dim // hp.num_heads, hp.rope_base
+        self.logit_softcap = hp.logit_softcap
+        self.tok_emb = nn.Embedding(hp.vocab_size, dim)
+        nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
+        self.bigram = BigramHash(hp.bigram_vocab_size, hp.bigram_dim, dim) if hp.bigram_vocab_size else None
+        self.smear = SmearGate(dim)
+        self.ve_layers = hp.value_embedding_layers
+        self.value_embed = ValueEmbedding(hp.vocab_size, hp.ve_dim, kv_dim, len(self.ve_layers)) if self.ve_layers else None
+        self.num_encoder = layers // 2
+        num_skips = min(self.num_encoder, layers - self.num_encoder)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim))
+        self.qo_bank = nn.Parameter(torch.zeros(2 * layers, dim, dim))
+        self.kv_bank = nn.Parameter(torch.zeros(2 * layers, kv_dim, dim))
+        self.mlp_up_bank = nn.Parameter(torch.zeros(layers, hp.mlp_hidden, dim))
+        self.mlp_down_bank = nn.Parameter(torch.zeros(layers, dim, hp.mlp_hidden))
+        for i in range(layers):  # out-projections and MLP-down stay zero
+            for matrix in (self.qo_bank[i], self.kv_bank[i], self.kv_bank[layers + i], self.mlp_up_bank[i]):
+                nn.init.orthogonal_(matrix.data)
+        self.blocks = nn.ModuleList(Block(hp, i) for i in range(layers))
+
+    def layer_weights(self, i: int) -> tuple[Tensor, ...]:
+        n = self.num_layers
+        return (self.qo_bank[i], self.kv_bank[i], self.kv_bank[n + i], self.qo_bank[n + i],
+                self.mlp_up_bank[i], self.mlp_down_bank[i])
+
+    def forward_hidden(self, input_ids: Tensor) -> Tensor:
+        """Final normalised hidden states [B, T, d]."""
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = self.smear(F.rms_norm(x, (x.size(-1),)))
+        x0 = x
+        rotary = rotary_tables(input_ids.size(1), self.rope_dims, self.rope_base, input_ids.device)
+        value_base = self.value_embed(input_ids) if self.value_embed is not None else None
+        skips: list[Tensor] = []
+        for i, block in enumerate(self.blocks):
+            decoder_index = i - self.num_encoder
+            if 0 <= decoder_index < len(self.skip_weights) and skips:
+                # U-Net skip: the most recent encoder output, gated in by lerp.
+                gate = torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype)
+                x = torch.lerp(self.skip_weights[decoder_index].to(x.dtype) * skips.pop(), x, gate)
+            value_embed = None
+            if i in self.ve_layers:
+                value_embed = value_base * self.value_embed.layer_scales[self.ve_layers.index(i)]
+            x = block(x, x0, rotary, self.layer_weights(i), value_embed)
+            if i < self.num_encoder:
+                skips.append(x)
+        return F.rms_norm(x, (x.size(-1),))
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """Tied output head with the tanh soft cap."""
+        raw = F.linear(hidden, self.tok_emb.weight.to(hidden.dtype))
+        return self.logit_softcap * torch.tanh(raw / self.logit_softcap)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        return self.logits(self.forward_hidden(input_ids))
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean cross-entropy in nats."""
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.float().flatten(0, 1), target_ids.flatten())
+
+    def set_late_qat(self, sharpness: Tensor | None) -> None:
+        """Route the small projections through fake quantisation (None switches it off)."""
+        for module in self.modules():
+            if isinstance(module, QATLinear):
+                module.qat_sharpness = sharpness
+
+    def capture_inputs(self, enabled: bool) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+        """Make every block record its linear-layer inputs (for GPTQ); returns the records."""
+        records = []
+        for block in self.blocks:
+            block.attn.captured = {} if enabled else None
+            block.mlp.captured = {} if enabled else None
+            records.append((block.attn.captured, block.mlp.captured))
+        return records
+
+
+def build_model(hp: Hyperparameters) -> GPT:
+    return GPT(hp)
+
+
+# -----------------------------------------------------------------------------
+# OPTIMISER
+# -----------------------------------------------------------------------------
+# MuonEq-R for the four banks; AdamW for everything else. With several ranks the bank
+# gradients are reduce-scattered along the bank's first axis, each rank
+# orthogonalises its own matrices, and the updates are all-gathered; the next bank's
+# Newton-Schulz runs while the previous all-gather is in flight.
+
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def newton_schulz(update: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalise each matrix of a [..., m, n] batch, in bfloat16."""
+    a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+    x = update.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:  # iterate on the smaller Gram matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.mT if transposed else x
+
+
+def normalize_rows(update: Tensor, floor: float = 1e-7) -> Tensor:
+    """MuonEq-R: every row of every matrix to unit L2 norm before Newton-Schulz."""
+    return update / update.norm(dim=-1, keepdim=True).clamp_min(floor)
+
+
+class MuonEqR(torch.optim.Optimizer):
+    """Muon with optional row equalisation, sharded over ranks along the bank axis.
+
+    Each param group holds one bank and `matrix_lrs`, that bank's per-matrix learning
+    rates; group["lr"] is the schedule multiplier applied on top. Call
+    `reduce_gradients()` right after backward (it starts the communication) and
+    `step()` after the AdamW steps.
+    """
+
+    def __init__(self, banks: list[nn.Parameter], matrix_lrs: list[Tensor], momentum: float, backend_steps: int,
+                 weight_decay: float, row_normalize: bool, comm_dtype: torch.dtype = torch.float32):
+        groups = [dict(params=[bank], matrix_lrs=lrs) for bank, lrs in zip(banks, matrix_lrs)]
+        super().__init__(groups, dict(lr=1.0, base_lr=1.0, momentum=momentum, backend_steps=backend_steps,
+                                      weight_decay=weight_decay, row_normalize=row_normalize))
+        self.comm_dtype = comm_dtype
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.use_reduce_scatter = True  # switched off where the backend lacks it
+        self.pending: list[Any] = []
+
+    def shard_rows(self, bank: Tensor) -> tuple[int, int]:
+        """This rank's [start, end) matrices of a bank padded to a multiple of world size."""
+        per_rank = -(-bank.size(0) // self.world_size)
+        return self.rank * per_rank, (self.rank + 1) * per_rank
+
+    def padded(self, tensor: Tensor) -> Tensor:
+        per_rank = -(-tensor.size(0) // self.world_size)
+        return F.pad(tensor, (0, 0, 0, 0, 0, per_rank * self.world_size - tensor.size(0)))
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Start averaging each bank's gradient; each rank ends with its own shard."""
+        self.pending = []
+        for group in self.param_groups:
+            bank = group["params"][0]
+            grad = bank.grad.to(self.comm_dtype)
+            if self.world_size == 1:
+                self.pending.append((grad, None))
+                continue
+            grad = self.padded(grad)
+            shard = torch.empty_like(grad[: grad.size(0) // self.world_size])
+            if self.use_reduce_scatter:
+                try:
+                    work = REDUCE_SCATTER(shard, grad, op=dist.ReduceOp.SUM, async_op=True)
+                    self.pending.append((shard, work))
+                    continue
+                except (RuntimeError, NotImplementedError):
+                    self.use_reduce_scatter = False
+            dist.all_reduce(grad)  # fallback: the full sum, then keep our rows
+            start, end = self.shard_rows(bank)
+            self.pending.append((grad[start:end], None))
+
+    @torch.no_grad()
+    def reduced_grad_shards(self) -> list[Tensor]:
+        """Wait for the reductions; this rank's averaged gradient shard of each bank (fp32)."""
+        shards = []
+        for shard, work in self.pending:
+            if work is not None:
+                work.wait()
+            shards.append(shard.float() / self.world_size)
+        return shards
+
+    @torch.no_grad()
+    def step(self, grad_shards: list[Tensor] | None = None) -> None:
+        if grad_shards is None:
+            grad_shards = self.reduced_grad_shards()
+        previous: tuple[Any, ...] | None = None
+        for group, grad in zip(self.param_groups, grad_shards):
+            bank = group["params"][0]
+            start, end = self.shard_rows(bank) if self.world_size > 1 else (0, bank.size(0))
+            state = self.state[bank]
+            if "momentum" not in state:
+                state["momentum"] = torch.zeros_like(grad)
+            momentum = state["momentum"]
+            momentum.mul_(group["momentum"]).add_(grad)
+            update = grad.add(momentum, alpha=group["momentum"])  # Nesterov
+            if group["row_normalize"]:
+                update = normalize_rows(update)
+            update = newton_schulz(update, group["backend_steps"])
+            update = update.to(self.comm_dtype) * max(1.0, bank.size(-2) / bank.size(-1)) ** 0.5
+            if self.world_size == 1:
+                self.apply_update(bank, update, group)
+                continue
+            full = torch.empty((end - start) * self.world_size, *update.shape[1:], dtype=update.dtype, device=update.device)
+            work = ALL_GATHER(full, update, async_op=True)
+            if previous is not None:
+                self.finish_gather(*previous)
+            previous = (bank, full, work, group)
+        if previous is not None:
+            self.finish_gather(*previous)
+
+    def finish_gather(self, bank: Tensor, full: Tensor, work: Any, group: dict) -> None:
+        work.wait()
+        self.apply_update(bank, full[: bank.size(0)], group)
+
+    def apply_update(self, bank: Tensor, update: Tensor, group: dict) -> None:
+        lrs = group["matrix_lrs"].to(bank.device)[:, None, None] * group["lr"]
+        bank.mul_(1 - lrs * group["weight_decay"])  # decoupled weight decay
+        bank.sub_(lrs * update.to(bank.dtype))
+
+
+def matrix_learning_rates(hp: Hyperparameters, bank_size: int) -> Tensor:
+    """Per-matrix LR of a bank: matrix i belongs to layer i mod L (split early/late)."""
+    layers = torch.arange(bank_size) % hp.num_layers
+    if hp.bank_split == 0:
+        return torch.full((bank_size,), hp.matrix_lr)
+    return torch.where(layers < hp.bank_split, hp.matrix_lr_early, hp.matrix_lr_late).float()
+
+
+BANK_NAMES = ("qo_bank", "kv_bank", "mlp_up_bank", "mlp_down_bank")
+TOKEN_TABLE_NAMES = ("tok_emb.weight", "bigram.table.weight", "value_embed.table.weight")
+
+
+@dataclass
+class Optimizers:
+    muon: MuonEqR
+    adam: torch.optim.AdamW
+    replicated: list[nn.Parameter]  # everything outside the banks: all-reduced in full
+
+    def all(self) -> list[torch.optim.Optimizer]:
+        return [self.muon, self.adam]
+
+    def zero_grad(self) -> None:
+        for optimizer in self.all():
+            optimizer.zero_grad(set_to_none=True)
+
+    def set_schedule(self, lr_multiplier: float, muon_momentum: float) -> None:
+        for optimizer in self.all():
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * lr_multiplier
+        for group in self.muon.param_groups:
+            group["momentum"] = muon_momentum
+
+    def step(self, clip_norm: float) -> None:
+        """Average gradients over ranks, clip by the global norm, step both optimisers."""
+        self.muon.reduce_gradients()  # bank communication starts first and overlaps the rest
+        for param in self.replicated:
+            if param.grad is None:  # a parameter the forward did not reach
+                param.grad = torch.zeros_like(param)
+        grads = [param.grad for param in self.replicated]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([grad.flatten() for grad in grads])  # one collective for ~1M values
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for grad, reduced in zip(grads, flat.split([grad.numel() for grad in grads])):
+                grad.copy_(reduced.view_as(grad))
+        bank_shards = self.muon.reduced_grad_shards()
+        if clip_norm > 0:
+            square = torch.stack([g.float().square().sum() for g in grads]).sum()
+            bank_square = torch.stack([s.square().sum() for s in bank_shards]).sum()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(bank_square)  # shards are disjoint: sum them
+            coefficient = (clip_norm / ((square + bank_square).sqrt() + 1e-6)).clamp(max=1.0)
+            for grad in grads:
+                grad.mul_(coefficient)
+            for shard in bank_shards:
+                shard.mul_(coefficient)
+        self.adam.step()
+        self.muon.step(bank_shards)
+
+
+def build_optimizers(hp: Hyperparameters, model: GPT, device: torch.device) -> Optimizers:
+    named = dict(model.named_parameters())
+    banks = [named[name] for name in BANK_NAMES]
+    tables = [named[name] for name in TOKEN_TABLE_NAMES if name in named]
+    controls = [p for name, p in named.items() if name not in BANK_NAMES and name not in TOKEN_TABLE_NAMES]
+    adam = torch.optim.AdamW(
+        [dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr),
+         dict(params=controls, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=device.type == "cuda")
+    muon = MuonEqR(banks, [matrix_learning_rates(hp, bank.size(0)) for bank in banks],
+                   momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps, weight_decay=hp.muon_wd,
+                   row_normalize=hp.muon_eq_r, comm_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    return Optimizers(muon=muon, adam=adam, replicated=tables + controls)
+
+
+# -----------------------------------------------------------------------------
+# RUNTIME: devices, ranks, logging
+# -----------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    log_path: Path | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> Any:
+        """bfloat16 autocast on CUDA; plain float elsewhere."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        if self.distributed:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def log(self, message: str, console: bool = True) -> None:
+        """Rank 0 prints and appends to the run's log file."""
+        if not self.is_main:
+            return
+        if console:
+            print(message, flush=True)
+        if self.log_path is not None:
+            with open(self.log_path, "a", encoding="utf-8") as handle:
+                print(message, file=handle)
