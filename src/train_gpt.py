@@ -1042,3 +1042,371 @@ class Runtime:
         if self.log_path is not None:
             with open(self.log_path, "a", encoding="utf-8") as handle:
                 print(message, file=handle)
+
+
+# -----------------------------------------------------------------------------
+# TRAINING LOOP
+# -----------------------------------------------------------------------------
+
+
+def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+    """1 until the last WARMDOWN_ITERS steps, then linear to 0.
+
+    With a wall-clock cap the warmdown is measured in time: it starts when the time
+    left is less than WARMDOWN_ITERS average steps, so it ends exactly at the cap.
+    """
+    if hp.warmdown_iters <= 0:
+        return 1.0
+    if cap_ms is None:
+        return min(max((hp.iterations - step) / hp.warmdown_iters, 0.0), 1.0)
+    warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(cap_ms - elapsed_ms, 0.0)
+    return min(remaining_ms / max(warmdown_ms, 1e-9), 1.0)
+
+
+def muon_momentum_at(hp: Hyperparameters, step: int) -> float:
+    fraction = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
+    return (1 - fraction) * hp.muon_momentum_warmup_start + fraction * hp.muon_momentum
+
+
+class ExponentialMovingAverage:
+    """fp32 EMA of every parameter, updated each step, copied in before export."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().float().clone() for p in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for param, average in zip(self.params, self.shadow):
+            param.copy_(average)
+
+
+class LateQAT:
+    """Fake-quantises the small projections once the LR multiplier falls below the threshold.
+
+    The sharpness lives in a tensor so torch.compile sees one graph, not one per value.
+    """
+
+    def __init__(self, hp: Hyperparameters, model: GPT, device: torch.device):
+        self.hp, self.model = hp, model
+        self.sharpness = torch.ones((), device=device)
+        self.start_step: int | None = None
+
+    def update(self, step: int, lr_mul: float, runtime: Runtime) -> None:
+        hp = self.hp
+        if self.start_step is None:
+            if hp.late_qat_threshold <= 0 or lr_mul >= hp.late_qat_threshold or step < hp.late_qat_min_step:
+                return
+            self.start_step = step
+            self.model.set_late_qat(self.sharpness)
+            runtime.log(f"late_qat:enabled step:{step} scale:{lr_mul:.4f}")
+        progress = min((step - self.start_step) / 500, 1.0)
+        self.sharpness.fill_(1.0 + 15.0 * progress)
+
+
+class StopSignals:
+    """Per-step stop flags (non-finite loss, wall-clock cap reached), agreed by all ranks.
+
+    On CUDA the flags are read one step late through a pinned copy and an event, so
+    checking them never stalls the GPU queue.
+    """
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+        self.in_flight: tuple[int, Tensor, Any] | None = None
+
+    def push(self, step: int, loss: Tensor, cap_reached: bool) -> tuple[int, bool, bool] | None:
+        """Queue this step's flags; return (step, loss_not_finite, cap_reached) of the oldest unread."""
+        flags = torch.stack((~torch.isfinite(loss.detach()), torch.tensor(cap_reached, device=loss.device))).float()
+        if self.runtime.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        event = None
+        if flags.is_cuda:
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            flags = host
+        previous, self.in_flight = self.in_flight, (step, flags, event)
+        if event is None:  # CPU: the values are already here
+            return self.drain()
+        return self.read(previous) if previous is not None else None
+
+    def drain(self) -> tuple[int, bool, bool] | None:
+        pending, self.in_flight = self.in_flight, None
+        return self.read(pending) if pending is not None else None
+
+    @staticmethod
+    def read(pending: tuple[int, Tensor, Any]) -> tuple[int, bool, bool]:
+        step, flags, event = pending
+        if event is not None:
+            event.synchronize()
+        not_finite, cap = flags.tolist()
+        return step, bool(not_finite), bool(cap)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def train_step(train_model: nn.Module, optimizers: Optimizers, batches: list[tuple[Tensor, Tensor]],
+               hp: Hyperparameters, runtime: Runtime) -> Tensor:
+    """One optimiser step over this rank's micro-batches; returns the mean loss (a tensor)."""
+    optimizers.zero_grad()
+    total = torch.zeros((), device=runtime.device)
+    for inputs, targets in batches:
+        with runtime.autocast():
+            loss = train_model(inputs, targets)
+        (loss / len(batches)).backward()
+        total += loss.detach()
+    optimizers.step(hp.grad_clip_norm)
+    return total / len(batches)
+
+
+def make_sampler(hp: Hyperparameters, runtime: Runtime, accum_steps: int) -> TokenSampler:
+    return TokenSampler(hp.train_files, hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len,
+                        runtime.rank, runtime.world_size, accum_steps)
+
+
+def warm_up_and_reset(hp: Hyperparameters, model: GPT, train_model: nn.Module, optimizers: Optimizers,
+                      qat: LateQAT, runtime: Runtime, accum_steps: int) -> None:
+    """Run WARMUP_STEPS real steps to compile and prime kernels, then undo them.
+
+    The last warm-up step runs with late QAT on, so its graph is compiled now rather
+    than in the middle of the timed run.
+    """
+    if hp.warmup_steps <= 0:
+        return
+    initial_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    initial_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers.all()]
+    sampler = make_sampler(hp, runtime, accum_steps)
+    for step in range(hp.warmup_steps):
+        if step == hp.warmup_steps - 1 and hp.late_qat_threshold > 0:
+            model.set_late_qat(qat.sharpness)
+        train_step(train_model, optimizers, sampler.next_step(runtime.device), hp, runtime)
+        runtime.log(f"warmup_step:{step + 1}/{hp.warmup_steps}")
+    model.set_late_qat(None)
+    model.load_state_dict(initial_weights)
+    for optimizer, state in zip(optimizers.all(), initial_states):
+        optimizer.load_state_dict(state)
+    optimizers.zero_grad()
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    train_time_ms: float
+
+
+def train(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> TrainingResult:
+    """The timed loop: wall-clock LR schedule, EMA, late QAT, periodic validation."""
+    accum_steps = hp.grad_accum_steps or 8 // runtime.world_size
+    train_model = compile_if_enabled(hp, model, runtime)
+    optimizers = build_optimizers(hp, model, runtime.device)
+    qat = LateQAT(hp, model, runtime.device)
+    warm_up_and_reset(hp, model, train_model, optimizers, qat, runtime, accum_steps)
+    sampler = make_sampler(hp, runtime, accum_steps)
+    ema = ExponentialMovingAverage(model, hp.ema_decay)
+    signals = StopSignals(runtime)
+    cap_ms = None
+    if hp.max_wallclock_seconds > 0:
+        cap_ms = 1000.0 * hp.max_wallclock_seconds - hp.gptq_reserve_ms
+        runtime.log(f"gptq:reserving {hp.gptq_reserve_ms:.0f}ms from training budget, effective={cap_ms:.0f}ms")
+    training_ms, step, stop_after = 0.0, 0, None
+    runtime.synchronize()
+    started = time.perf_counter()
+    while True:
+        last_step = step == hp.iterations or (stop_after is not None and step >= stop_after)
+        if last_step or (hp.val_loss_every > 0 and step % hp.val_loss_every == 0):
+            runtime.synchronize()
+            training_ms += 1000.0 * (time.perf_counter() - started)
+            result = evaluate_standard(train_model, data.val_tokens, hp.train_seq_len, hp.val_batch_size,
+                                       data.token_bytes, runtime)
+            runtime.log(f"step:{step}/{hp.iterations} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} "
+                        f"train_time:{training_ms:.0f}ms step_avg:{training_ms / max(step, 1):.2f}ms")
+            started = time.perf_counter()
+        if last_step:
+            if stop_after is not None and step < hp.iterations:
+                runtime.log(f"stopping_early: wallclock_cap train_time:{training_ms:.0f}ms step:{step}/{hp.iterations}")
+            break
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - started)
+        lr_mul = lr_multiplier(hp, step, elapsed_ms, cap_ms)
+        optimizers.set_schedule(lr_mul, muon_momentum_at(hp, step))
+        qat.update(step, lr_mul, runtime)
+        loss = train_step(train_model, optimizers, sampler.next_step(runtime.device), hp, runtime)
+        ema.update()
+        step += 1
+        elapsed_ms = training_ms + 1000.0 * (time.perf_counter() - started)
+        signal = signals.push(step, loss, cap_ms is not None and elapsed_ms >= cap_ms)
+        if hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or stop_after is not None):
+            mean_loss = runtime.all_reduce_sum(loss.detach().clone()) / runtime.world_size
+            runtime.log(f"step:{step}/{hp.iterations} train_loss:{mean_loss.item():.4f} "
+                        f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
+        if signal is not None:
+            flagged_step, not_finite, cap_reached = signal
+            if not_finite:
+                raise NonFiniteLoss(f"training loss is not finite at step {flagged_step}; stopping "
+                                    f"(lower MATRIX_LR / TIED_EMBED_LR or check the data)")
+            if cap_reached and stop_after is None:
+                stop_after = step
+    if runtime.device.type == "cuda":
+        runtime.log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
+                    f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
+    runtime.log("ema:applying EMA weights")
+    ema.copy_to_model()
+    model.set_late_qat(None)
+    return TrainingResult(steps=step, train_time_ms=training_ms)
+
+
+def compile_if_enabled(hp: Hyperparameters, model: nn.Module, runtime: Runtime) -> nn.Module:
+    enabled = hp.compile == "1" or (hp.compile == "auto" and runtime.device.type == "cuda")
+    return torch.compile(model, dynamic=False) if enabled else model
+
+
+# -----------------------------------------------------------------------------
+# MAIN
+# -----------------------------------------------------------------------------
+
+
+def environ_with_profile() -> dict[str, str]:
+    """The environment, switched to the embedded default when there is nothing to train on.
+
+    With neither SMOKE nor DATA_PATH set and no shards at the default path, a bare
+    `python train_gpt.py` runs the small embedded default instead of failing.
+    """
+    environ = dict(os.environ)
+    if "SMOKE" not in environ and "DATA_PATH" not in environ and not glob.glob(Hyperparameters().train_files):
+        print(f"smoke: no FineWeb shards under {Hyperparameters().data_path}; running the embedded default "
+              "(SMOKE=1). Download FineWeb with data/download_fineweb.py for the real run.", flush=True)
+        environ["SMOKE"] = "1"
+    return environ
+
+
+def start_runtime(hp: Hyperparameters) -> Runtime:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world_size < 1 or 8 % world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size} is not allowed: must divide 8 (1, 2, 4 or 8 processes)")
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if world_size > 1:
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    runtime = Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    if runtime.is_main:
+        os.makedirs("logs", exist_ok=True)
+        runtime.log_path = Path("logs") / f"{hp.run_id or uuid.uuid4()}.txt"
+        print(runtime.log_path, flush=True)
+    torch.manual_seed(hp.seed)
+    np.random.seed(hp.seed)
+    return runtime
+
+
+def resolve_tokenizer_path(hp: Hyperparameters) -> Path:
+    """TOKENIZER_PATH as given, or (for the default) the copy vendored beside this script."""
+    path = Path(hp.tokenizer_path)
+    if not path.exists() and hp.tokenizer_path == Hyperparameters().tokenizer_path:
+        here = Path(__file__).resolve().parent
+        path = next((p / hp.tokenizer_path for p in (here, here.parent) if (p / hp.tokenizer_path).exists()), path)
+    if not path.exists():
+        raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path!r} is not allowed: no such file")
+    return path
+
+
+def load_tokenizer(hp: Hyperparameters) -> Any:
+    import sentencepiece
+
+    path = resolve_tokenizer_path(hp)
+    try:
+        tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as error:
+        raise ConfigError(f"TOKENIZER_PATH={str(path)!r} is not allowed: not a SentencePiece model ({error})") from None
+    if tokenizer.vocab_size() != hp.vocab_size:
+        raise ConfigError(f"VOCAB_SIZE={hp.vocab_size} is not allowed: the tokenizer {path} has "
+                          f"{tokenizer.vocab_size()} pieces")
+    return tokenizer
+
+
+@dataclass
+class EvalData:
+    val_tokens: Tensor
+    token_bytes: "TokenBytes"
+
+
+def load_data(hp: Hyperparameters, runtime: Runtime) -> EvalData:
+    tokenizer = load_tokenizer(hp)
+    if hp.smoke and not glob.glob(hp.train_files):
+        if runtime.is_main:
+            build_smoke_corpus(hp.data_path, tokenizer)
+        if runtime.distributed:
+            dist.barrier()
+    val_tokens = load_validation_tokens(hp.val_files, max(hp.train_seq_len, hp.eval_seq_len))
+    runtime.log(f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={hp.tokenizer_path}")
+    runtime.log(f"train_loader:dataset:{Path(hp.data_path).name} train_shards:{len(shard_paths(hp.train_files))}")
+    runtime.log(f"val_loader:shards pattern={hp.val_files} tokens:{val_tokens.numel() - 1}")
+    return EvalData(val_tokens=val_tokens, token_bytes=build_token_bytes(tokenizer, hp.vocab_size, runtime.device))
+
+
+def log_run_header(hp: Hyperparameters, model: GPT, runtime: Runtime) -> None:
+    accum_steps = hp.grad_accum_steps or 8 // runtime.world_size
+    runtime.log(f"model_params:{sum(p.numel() for p in model.parameters())}")
+    xsa_layers = [i for i, block in enumerate(model.blocks) if block.attn.use_xsa]
+    runtime.log(f"XSA:last_{hp.xsa_last_n} active_layers:{xsa_layers}")
+    runtime.log(f"world_size:{runtime.world_size} grad_accum_steps:{accum_steps}")
+    backend = "flash_attention_3" if use_flash_attention_3(runtime.device) else "sdpa"
+    runtime.log(f"attention_backend:{backend} attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
+    runtime.log(f"tie_embeddings:True embed_lr:{hp.tied_embed_lr} head_lr:0.0 matrix_lr:{hp.matrix_lr} "
+                f"scalar_lr:{hp.scalar_lr} matrix_lr_early:{hp.matrix_lr_early} matrix_lr_late:{hp.matrix_lr_late} "
+                f"bank_split:{hp.bank_split} muon_eq_r:{int(hp.muon_eq_r)}")
+    runtime.log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} "
+                f"iterations:{hp.iterations} warmup_steps:{hp.warmup_steps} "
+                f"max_wallclock_seconds:{hp.max_wallclock_seconds:.3f}")
+    runtime.log(f"seed:{hp.seed}")
+    if runtime.device.type == "cuda":
+        runtime.log(f"hardware: {runtime.world_size}x{torch.cuda.get_device_name(runtime.device)}")
+    else:
+        runtime.log(f"hardware: {runtime.world_size}xCPU ({os.cpu_count()} cores)")
+    runtime.log(f"torch:{torch.__version__} python:{sys.version.split()[0]}", console=False)
+
+
+def main() -> int:
+    hp = Hyperparameters.from_env(environ_with_profile())
+    runtime = start_runtime(hp)
+    try:
+        data = load_data(hp, runtime)
+        model = build_model(hp).to(runtime.device)
+        log_run_header(hp, model, runtime)
+        train(hp, model, data, runtime)
+        log_post_ema_diagnostic(hp, model, data, runtime)
+        artifact = export_artifact(hp, model, runtime)
+        quantized = load_quantized_model(hp, artifact.path, runtime)
+        evaluate_artifact(hp, quantized, data, runtime)
+        return report_size_verdict(artifact, runtime)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_cli() -> int:
+    """Entry point: a bad setting or file ends the run with one clear line, not a traceback."""
+    if any(arg in ("-h", "--help") for arg in sys.argv[1:]):
+        print(__doc__ or "", describe_settings(), sep="\n")
+        return 0
+    try:
+        return main()
+    except (ConfigError, DataError, ArtifactError, NonFiniteLoss) as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
