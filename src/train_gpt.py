@@ -1195,8 +1195,8 @@ def decode_artifact(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict[s
             width = torch.empty((), dtype=dtype).element_size()
             if start < 0 or start + size > len(payload) or size != math.prod(shape) * width:
                 raise ValueError(f"tensor {entry['name']} lies outside the payload or has the wrong size")
-            raw = byte_unshuffle(bytes(payload[start : start + size]), width)
-            tensors[str(entry["name"])] = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+            raw = bytearray(byte_unshuffle(bytes(payload[start : start + size]), width))
+            tensors[str(entry["name"])] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
         return tensors, dict(header["meta"])
     except brotli.error:
         raise ArtifactError(f"{source}: truncated or corrupt (brotli stream does not decode)") from None
