@@ -13,6 +13,9 @@ import torch
 import train_gpt
 from conftest import ROOT, tiny_hp
 
+sys.path.insert(0, str(ROOT / "tools"))
+import pack  # noqa: E402
+
 
 def grid_matrix(rows: int, cols: int, clip_range: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q = torch.randint(-clip_range, clip_range + 1, (rows, cols), dtype=torch.int8)
@@ -145,21 +148,26 @@ def test_quantised_state_loads_into_a_fresh_model():
 def test_packed_file_holds_the_stripped_source():
     source = (ROOT / "src" / "train_gpt.py").read_text()
     shipped = (ROOT / "train_gpt.py").read_text()
-    assert shipped == train_gpt.pack_source(source), "run python tools/pack.py"
+    assert shipped == pack.pack_source(source), "run python tools/pack.py"
     assert shipped.count("\n") == 2 and len(shipped.encode()) <= 30_000
-    unpacked = train_gpt.unpack_source(shipped)
-    assert ast.dump(ast.parse(unpacked)) == ast.dump(ast.parse(train_gpt.strip_source(source)))
+    unpacked = pack.unpack_source(shipped)
+    assert ast.dump(ast.parse(unpacked)) == ast.dump(ast.parse(pack.strip_source(source)))
     assert '"""' not in unpacked and "# " not in unpacked.replace("'# '", "")
 
 
 def test_strip_source_keeps_the_code_and_drops_docs():
     source = '"""doc"""\nfrom __future__ import annotations\ndef f(x):\n    """doc"""\n    return x  # note\nclass C:\n    """only a doc"""\n'
-    stripped = train_gpt.strip_source(source)
+    stripped = pack.strip_source(source)
     namespace: dict = {}
     exec(stripped, namespace)
     assert namespace["f"](3) == 3 and "doc" not in stripped and "note" not in stripped
 
 
-def test_pack_check_detects_a_stale_file(tmp_path):
-    fresh = subprocess.run([sys.executable, str(ROOT / "tools" / "pack.py"), "--check"], capture_output=True, text=True)
-    assert fresh.returncode == 0, fresh.stderr
+def test_pack_check_detects_a_stale_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(pack, "SHIPPED", tmp_path / "train_gpt.py")
+    (tmp_path / "train_gpt.py").write_text("stale")
+    for argv, status in ((["--check"], 1), ([], 0), (["--check"], 0)):
+        monkeypatch.setattr(sys, "argv", ["pack.py", *argv])
+        assert pack.main() == status
+    repository_check = subprocess.run([sys.executable, str(ROOT / "tools" / "pack.py"), "--check"], capture_output=True, text=True)
+    assert repository_check.returncode == 0, repository_check.stderr

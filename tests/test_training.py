@@ -24,8 +24,8 @@ QUICK_RUN = {"SMOKE": "1", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4
 
 
 def run_trainer(tmp_path: Path, settings: dict[str, str], processes: int = 1, script: Path = ROOT / "src" / "train_gpt.py"):
+    """Run the trainer in tmp_path; settings must name DATA_PATH (the shared smoke corpus)."""
     environ = {**os.environ, **QUICK_RUN, **settings, "OMP_NUM_THREADS": "1"}
-    environ.setdefault("DATA_PATH", str(tmp_path / "data"))
     command = [sys.executable, str(script)]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(script)]
@@ -51,9 +51,9 @@ def test_loss_falls_on_real_tokens(smoke_corpus):
     assert first > 6.0 and last < first - 1.0, (first, last)
 
 
-def test_two_processes_match_one_process_with_accumulation(tmp_path):
+def test_two_processes_match_one_process_with_accumulation(tmp_path, smoke_corpus):
     """The sharded optimiser is the same math: 2 gloo ranks vs 1 rank with 2 micro-steps."""
-    settings = {"ITERATIONS": "6", "DATA_PATH": str(tmp_path / "data")}
+    settings = {"ITERATIONS": "6", "DATA_PATH": str(smoke_corpus)}
     for name in ("one", "two"):
         (tmp_path / name).mkdir()
     one = run_trainer(tmp_path / "one", {**settings, "GRAD_ACCUM_STEPS": "2"})
@@ -69,9 +69,9 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path):
     assert single == pytest.approx(double, abs=1e-4), (single, double)
 
 
-def test_non_finite_loss_stops_with_a_clear_line(tmp_path):
+def test_non_finite_loss_stops_with_a_clear_line(tmp_path, smoke_corpus):
     result = run_trainer(tmp_path, {"ITERATIONS": "30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30",
-                                    "GRAD_CLIP_NORM": "0"})
+                                    "GRAD_CLIP_NORM": "0", "DATA_PATH": str(smoke_corpus)})
     assert result.returncode == 2
     assert re.search(r"^error: training loss is not finite at step \d+", result.stderr, re.MULTILINE), result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -82,7 +82,25 @@ def test_non_finite_loss_stops_with_a_clear_line(tmp_path):
     ({"TRAIN_SEQ_LEN": "x"}, "error: TRAIN_SEQ_LEN='x' is not allowed: expected an integer"),
     ({"TOKENIZER_PATH": "missing.model"}, "error: TOKENIZER_PATH='missing.model' is not allowed: no such file"),
 ])
-def test_bad_settings_stop_at_start_with_one_line(tmp_path, settings, message):
-    result = run_trainer(tmp_path, settings)
+def test_bad_settings_stop_at_start_with_one_line(tmp_path, smoke_corpus, settings, message):
+    result = run_trainer(tmp_path, {**settings, "DATA_PATH": str(smoke_corpus)})
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message
     assert "Traceback" not in result.stderr
+
+
+def final_lines(output: str) -> list[str]:
+    """The run's result lines without the timings, which differ from run to run."""
+    lines = [line for line in output.splitlines() if line.startswith(("final_", "legal_ttt", "Serialized", "step:"))]
+    return [re.sub(r"(eval_time|train_time|step_avg|eval_total_time):[\d.]+ms", "", line) for line in lines]
+
+
+def test_shipped_file_behaves_like_the_source(tmp_path, smoke_corpus):
+    settings = {"ITERATIONS": "3", "DATA_PATH": str(smoke_corpus), "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
+    for name in ("source", "shipped"):
+        (tmp_path / name).mkdir()
+    source = run_trainer(tmp_path / "source", settings)
+    shipped = run_trainer(tmp_path / "shipped", settings, script=ROOT / "train_gpt.py")
+    assert source.returncode == 0 and shipped.returncode == 0, shipped.stderr[-2000:]
+    assert final_lines(source.stdout) == final_lines(shipped.stdout) and len(final_lines(source.stdout)) > 8
+    code_bytes = len((ROOT / "train_gpt.py").read_bytes())
+    assert f"Code size: {code_bytes} bytes" in source.stdout and f"Code size: {code_bytes} bytes" in shipped.stdout
