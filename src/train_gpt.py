@@ -216,7 +216,7 @@ SMOKE_PROFILE: dict[str, Any] = dict(
     grad_accum_steps=1, iterations=400, warmup_steps=2, warmdown_iters=120, max_wallclock_seconds=100.0,
     gptq_reserve_ms=0.0, val_loss_every=100, train_log_every=25, val_batch_size=16384,
     muon_momentum_warmup_steps=100, bank_split=2, matrix_lr_early=0.02, matrix_lr_late=0.025, late_qat_min_step=200,
-    gptq_calib_samples=4, ema_decay=0.99, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16, slot_steps=4,
+    gptq_calib_samples=4, ema_decay=0.95, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16, slot_steps=4,
     ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8,
 )
 
@@ -251,7 +251,8 @@ def describe_settings() -> str:
     """The --help text: every variable with its default and meaning."""
     lines = ["Environment variables (default in brackets):"]
     for spec in fields(Hyperparameters):
-        lines.append(f"  {spec.metadata['env']:<28} [{spec.default}] {spec.metadata['help']}")
+        default = int(spec.default) if isinstance(spec.default, bool) else spec.default
+        lines.append(f"  {spec.metadata['env']:<28} [{default}] {spec.metadata['help']}")
     return "\n".join(lines)
 
 

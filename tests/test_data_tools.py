@@ -1,0 +1,125 @@
+"""data/: download planning and resume logic, text export, HTML stripping (no network)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import ROOT, TOKENIZER
+
+sys.path.insert(0, str(ROOT / "data"))
+import build_proxy_corpus  # noqa: E402
+import download_fineweb  # noqa: E402
+import export_text  # noqa: E402
+
+MANIFEST = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
+                          "stats": {"files_train": 80, "files_val": 1}}],
+            "tokenizers": [{"name": "sp_bpe_1024", "model_path": "tokenizers/fineweb_1024_bpe.model",
+                            "vocab_path": "tokenizers/fineweb_1024_bpe.vocab"}]}
+
+
+def test_plan_lists_validation_training_and_tokenizer_files():
+    plan = download_fineweb.plan_downloads(MANIFEST, "sp1024", 2)
+    assert plan == ["datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin",
+                    "datasets/datasets/fineweb10B_sp1024/fineweb_train_000000.bin",
+                    "datasets/datasets/fineweb10B_sp1024/fineweb_train_000001.bin",
+                    "datasets/tokenizers/fineweb_1024_bpe.model", "datasets/tokenizers/fineweb_1024_bpe.vocab"]
+
+
+def test_files_land_where_the_trainer_looks(tmp_path):
+    shard = download_fineweb.local_path("datasets/datasets/fineweb10B_sp1024/fineweb_val_000000.bin", tmp_path)
+    tokenizer = download_fineweb.local_path("datasets/tokenizers/fineweb_1024_bpe.model", tmp_path)
+    assert shard == tmp_path / "datasets" / "fineweb10B_sp1024" / "fineweb_val_000000.bin"
+    assert tokenizer == tmp_path / "tokenizers" / "fineweb_1024_bpe.model"
+
+
+@pytest.mark.parametrize("manifest, variant, shards, message", [
+    ({"datasets": []}, "sp1024", 1, "manifest has no dataset 'fineweb10B_sp1024'"),
+    ({"datasets": [{"name": "fineweb10B_sp1024"}]}, "sp1024", 1, "lacks stats.files_train"),
+    (MANIFEST, "sp1024", 81, "--train-shards 81: fineweb10B_sp1024 has 80 training shards"),
+    ({**MANIFEST, "tokenizers": []}, "sp1024", 1, "manifest has no tokenizer 'sp_bpe_1024'"),
+    (MANIFEST, "gpt2", 1, "--variant 'gpt2': expected sp<VOCAB>"),
+])
+def test_bad_manifests_say_what_is_missing(manifest, variant, shards, message):
+    with pytest.raises(download_fineweb.ManifestError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        download_fineweb.plan_downloads(manifest, variant, shards)
+
+
+def test_download_resumes_and_verifies(tmp_path):
+    plan = download_fineweb.plan_downloads(MANIFEST, "sp1024", 2)
+    good = download_fineweb.local_path(plan[0], tmp_path)
+    train_gpt.write_shard(good, np.arange(100))
+    truncated = download_fineweb.local_path(plan[1], tmp_path)
+    train_gpt.write_shard(truncated, np.arange(100))
+    truncated.write_bytes(truncated.read_bytes()[:-7])
+    fetched = []
+
+    def fake_fetch(remote, destination):
+        fetched.append(remote)
+        if destination.suffix == ".bin":
+            train_gpt.write_shard(destination, np.arange(50))
+        else:
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            destination.write_text("tokenizer")
+
+    download_fineweb.download(plan, tmp_path, fake_fetch, log=lambda line: None)
+    assert fetched == plan[1:]  # the good shard was kept, the truncated one fetched again
+    assert all(download_fineweb.is_complete(download_fineweb.local_path(r, tmp_path)) for r in plan)
+    fetched.clear()
+    download_fineweb.download(plan, tmp_path, fake_fetch, log=lambda line: None)
+    assert fetched == []  # a second run finds everything in place
+
+
+def test_a_bad_download_is_deleted_and_reported(tmp_path):
+    plan = download_fineweb.plan_downloads(MANIFEST, "sp1024", 0)[:1]
+
+    def broken_fetch(remote, destination):
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        destination.write_bytes(b"<html>rate limited</html>" * 50)
+
+    with pytest.raises(train_gpt.DataError, match="failed the header/size check and was deleted"):
+        download_fineweb.download(plan, tmp_path, broken_fetch, log=lambda line: None)
+    assert not download_fineweb.local_path(plan[0], tmp_path).exists()
+
+
+DOCUMENTS = [f"Document number {i} says hello to the world." for i in range(7)] + ["A longer one. " * 40]
+
+
+def test_export_writes_bos_separated_documents_and_splits_by_count(tmp_path, tokenizer):
+    manifest = export_text.export_documents(DOCUMENTS, TOKENIZER, tmp_path, val_docs=3, shard_tokens=64)
+    assert manifest["documents"] == {"val": 3, "train": 5}
+    for split, expected in (("val", DOCUMENTS[:3]), ("train", DOCUMENTS[3:])):
+        files = sorted(tmp_path.glob(f"fineweb_{split}_*.bin"))
+        tokens = np.concatenate([np.asarray(train_gpt.read_shard(f)) for f in files])
+        assert all(train_gpt.read_shard(f).size <= 64 for f in files)
+        assert tokens[0] == train_gpt.BOS_ID and (tokens == train_gpt.BOS_ID).sum() == len(expected)
+        pieces = np.split(tokens, np.flatnonzero(tokens == train_gpt.BOS_ID))[1:]
+        assert [tokenizer.decode(p[1:].tolist()) for p in pieces] == [d.strip() for d in expected]
+    assert len(manifest["files"]) > 2  # small shards: several of them
+    listed = {f["file"]: f["tokens"] for f in manifest["files"]}
+    assert listed == {p.name: int(train_gpt.read_shard(p).size) for p in tmp_path.glob("*.bin")}
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+
+
+def test_export_reads_jsonl_and_text_files(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "first"}\n\n{"text": "second", "id": 2}\n')
+    (tmp_path / "b.txt").write_text("para one\n\npara two\n")
+    docs = list(export_text.read_documents([tmp_path / "a.jsonl", tmp_path / "b.txt"], "text", blank_line_docs=True))
+    assert docs == ["first", "second", "para one", "para two\n"]
+    (tmp_path / "bad.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1: not a JSON object with a 'text' field"):
+        list(export_text.read_documents([tmp_path / "bad.jsonl"], "text", blank_line_docs=False))
+
+
+def test_html_stripping_keeps_prose_only():
+    markup = """<html><head><title>T</title><style>p {color: red}</style></head><body>
+      <nav>Home | Next</nav><h1>Chapter&nbsp;1</h1><p>The <b>quick</b> brown fox &amp; friends.</p>
+      <pre>code = 1</pre><script>alert(1)</script><ul><li>One</li><li>Two</li></ul></body></html>"""
+    text = build_proxy_corpus.html_to_text(markup)
+    assert text.split("\n") == ["Chapter\xa01", "", "The quick brown fox & friends.", "", "One", "", "Two"] or \
+        [line for line in text.split("\n") if line] == ["Chapter\xa01", "The quick brown fox & friends.", "One", "Two"]
+    assert "alert" not in text and "color" not in text and "code = 1" not in text and "Home" not in text
