@@ -4,7 +4,8 @@
     python data/build_proxy_corpus.py               # packages already installed
 
 Collects English prose from Debian documentation packages (the Debian Administrator's
-Handbook, the Python 3.11 documentation, the Debian Reference), strips the HTML markup,
+Handbook, the Python 3.11, Linux kernel and PostgreSQL manuals, the Debian Reference),
+strips the HTML markup,
 splits it into documents (one per page) and exports them with the FineWeb tokenizer to
 ./data/datasets/proxy_sp1024 (first 500 pages: validation). Needs at least --min-mb of
 text (default 40). The corpus is built here, never committed. Train on it with
@@ -28,7 +29,9 @@ from export_text import DEFAULT_TOKENIZER, export_documents  # noqa: E402
 
 PACKAGES = {"debian-handbook": "/usr/share/doc/debian-handbook/html/en-US",
             "python3.11-doc": "/usr/share/doc/python3.11/html",
-            "debian-reference-en": "/usr/share/doc/debian-reference-en"}
+            "debian-reference-en": "/usr/share/doc/debian-reference-en",
+            "linux-doc-6.1": "/usr/share/doc/linux-doc-6.1/html",
+            "postgresql-doc-15": "/usr/share/doc/postgresql-doc-15/html"}
 SKIPPED_TAGS = {"script", "style", "pre", "code", "nav", "head", "header", "footer"}
 BLOCK_TAGS = {"p", "div", "li", "h1", "h2", "h3", "h4", "h5", "h6", "tr", "br", "dd", "dt", "section", "table"}
 

@@ -486,24 +486,22 @@ def build_smoke_corpus(data_path: str | Path, tokenizer: Any) -> None:
 #   kv_bank   [2L, kv, d]     k of layer i at i, v at L + i
 #   mlp_up_bank [L, h, d], mlp_down_bank [L, d, h]
 
-def flash_attention_3() -> Callable | None:
-    """FlashAttention-3's function when its Python interface is installed, else None."""
-    try:
-        from flash_attn_interface import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+FLASH_ATTENTION_3: Callable | None = None  # FlashAttention-3's function, once enabled
 
-
-FLASH_ATTENTION_3 = flash_attention_3()
-
-def use_flash_attention_3(device: torch.device) -> bool:
-    return (FLASH_ATTENTION_3 is not None and device.type == "cuda"
-            and torch.cuda.get_device_capability(device)[0] == 9)
+def enable_flash_attention_3(device: torch.device) -> bool:
+    """Use FlashAttention-3 when its Python interface is installed and the GPU is a Hopper."""
+    global FLASH_ATTENTION_3
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        try:
+            from flash_attn_interface import flash_attn_func
+        except ImportError:
+            return False
+        FLASH_ATTENTION_3 = flash_attn_func
+    return FLASH_ATTENTION_3 is not None
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal GQA attention on [B, T, heads, D] tensors; returns [B, T, H, D]."""
-    if q.is_cuda and q.dtype == torch.bfloat16 and use_flash_attention_3(q.device):
+    if FLASH_ATTENTION_3 is not None and q.is_cuda and q.dtype == torch.bfloat16:
         out = FLASH_ATTENTION_3(q, k, v, causal=True)
         return out[0] if isinstance(out, tuple) else out
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -1893,6 +1891,7 @@ def start_runtime(hp: Hyperparameters) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        enable_flash_attention_3(device)
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -1952,7 +1951,7 @@ def log_run_header(hp: Hyperparameters, model: GPT, runtime: Runtime) -> None:
     xsa_layers = [i for i, block in enumerate(model.blocks) if block.attn.use_xsa]
     runtime.log(f"XSA:last_{hp.xsa_last_n} active_layers:{xsa_layers}")
     runtime.log(f"world_size:{runtime.world_size} grad_accum_steps:{accum_steps}")
-    backend = "flash_attention_3" if use_flash_attention_3(runtime.device) else "sdpa"
+    backend = "flash_attention_3" if FLASH_ATTENTION_3 is not None else "sdpa"
     runtime.log(f"attention_backend:{backend} attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
     runtime.log(f"tie_embeddings:True embed_lr:{hp.tied_embed_lr} head_lr:0.0 matrix_lr:{hp.matrix_lr} "
                 f"scalar_lr:{hp.scalar_lr} matrix_lr_early:{hp.matrix_lr_early} matrix_lr_late:{hp.matrix_lr_late} "
