@@ -23,6 +23,18 @@ def tiny_hp(**overrides: str) -> train_gpt.Hyperparameters:
     return train_gpt.Hyperparameters.from_env({**TINY, **overrides})
 
 
+def noisy_model(hp: train_gpt.Hyperparameters, seed: int = 0) -> train_gpt.GPT:
+    """A model whose zero-initialised weights are filled in, so every path carries signal."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = train_gpt.build_model(hp)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import sentencepiece

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import tiny_hp
+from conftest import noisy_model, tiny_hp
 
 # The FineWeb tokenizer normalises text (NFKC, whitespace collapsed) and has no byte
 # pieces: characters outside its vocabulary become <unk>, which counts 0 bytes (the
@@ -85,16 +85,6 @@ def test_sliding_windows_score_every_ordinal_once(num_ordinals, seq_len, stride)
         scored.extend(range(first, end))
         previous_end = end
     assert scored == list(range(num_ordinals))
-
-
-def noisy_model(hp, seed=0):
-    """A model whose zero-initialised weights are filled in, so every path carries signal."""
-    torch.manual_seed(seed)
-    model = train_gpt.build_model(hp)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.05 * torch.randn_like(param))
-    return model
 
 
 def val_tokens(count: int, seed: int = 1) -> torch.Tensor:
