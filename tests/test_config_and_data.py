@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
 
 import train_gpt
-from conftest import TOKENIZER, tiny_hp
+from conftest import ROOT, TOKENIZER, tiny_hp
 
 
 def test_defaults_are_the_reference_run():
@@ -152,3 +154,9 @@ def test_smoke_corpus_is_real_english(smoke_corpus, tokenizer):
     train = np.asarray(train_gpt.read_shard(smoke_corpus / "fineweb_train_000000.bin"))
     assert train.size > 80_000 and val.size > 8_000 and val[0] == train_gpt.BOS_ID
     assert " the " in tokenizer.decode(val[:400].tolist())
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = [spec.metadata["env"] for spec in fields(train_gpt.Hyperparameters) if f"`{spec.metadata['env']}`" not in readme]
+    assert not missing, f"README.md lacks {missing}"
