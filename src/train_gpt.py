@@ -1573,7 +1573,12 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_byte
     for window in all_windows:
         chunks[min(window[2] // hp.ttt_chunk_tokens, num_chunks - 1)].append(window)
     frozen = tuple(f"blocks.{i}." for i in range(hp.ttt_freeze_blocks))
-    params = [p for name, p in model.named_parameters() if not name.startswith(frozen)]
+    params = []
+    for name, param in model.named_parameters():
+        param.requires_grad_(not name.startswith(frozen))
+        if param.requires_grad:
+            param.grad = torch.zeros_like(param)  # zeroed in place each batch, reduced as one set
+            params.append(param)
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
     runtime.log(f"ttt_sliding:start chunks={num_chunks} chunk_tokens={hp.ttt_chunk_tokens} total_windows={len(all_windows)} "
                 f"stride={hp.eval_stride} ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs} freeze_blocks={hp.ttt_freeze_blocks}")
@@ -1599,24 +1604,33 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_byte
 
 def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, val_tokens: Tensor,
                    chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters, runtime: Runtime) -> None:
-    """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk)."""
+    """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk).
+
+    Every rank runs the same number of batches (an empty share contributes zero
+    gradients), so the collectives line up; each batch's gradient is the mean over
+    all ranks' sequences.
+    """
     length = hp.eval_seq_len
-    starts = rank_share(list(range(chunk_start, chunk_end - length + 1, length)), runtime)
+    starts = list(range(chunk_start, chunk_end - length + 1, length))
+    per_rank = -(-len(starts) // runtime.world_size)
+    mine = starts[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
     for _ in range(hp.ttt_epochs):
-        for first in range(0, len(starts), hp.ttt_batch_seqs):
-            rows = torch.stack([val_tokens[s : s + length + 1] for s in starts[first : first + hp.ttt_batch_seqs]]).to(runtime.device)
-            optimizer.zero_grad(set_to_none=True)
-            with runtime.autocast():
-                loss = model(rows[:, :-1], rows[:, 1:])
-            loss.backward()
-            if runtime.distributed:  # average over ranks (a rank with no rows contributes zeros)
+        for first in range(0, per_rank, hp.ttt_batch_seqs):
+            batch = mine[first : first + hp.ttt_batch_seqs]
+            total = sum(len(starts[r * per_rank : (r + 1) * per_rank][first : first + hp.ttt_batch_seqs])
+                        for r in range(runtime.world_size))
+            optimizer.zero_grad(set_to_none=False)
+            if batch:
+                rows = torch.stack([val_tokens[s : s + length + 1] for s in batch]).to(runtime.device)
+                with runtime.autocast():
+                    loss = model(rows[:, :-1], rows[:, 1:])
+                (loss * len(batch) / total).backward()
+            if runtime.distributed:
                 for param in params:
-                    dist.all_reduce(param.grad if param.grad is not None else torch.zeros_like(param))
-                    if param.grad is not None:
-                        param.grad /= runtime.world_size
+                    dist.all_reduce(param.grad)
             torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
             optimizer.step()
 
@@ -1725,7 +1739,8 @@ class StopSignals:
 
     def push(self, step: int, loss: Tensor, cap_reached: bool) -> tuple[int, bool, bool] | None:
         """Queue this step's flags; return (step, loss_not_finite, cap_reached) of the oldest unread."""
-        flags = torch.stack((~torch.isfinite(loss.detach()), torch.tensor(cap_reached, device=loss.device))).float()
+        # new_full launches a fill kernel: no host-to-device copy that could stall the queue
+        flags = torch.stack(((~torch.isfinite(loss.detach())).float(), loss.new_full((), float(cap_reached))))
         if self.runtime.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         event = None
