@@ -14,20 +14,24 @@ Settings come from environment variables; `python train_gpt.py --help` lists the
 
 from __future__ import annotations
 
+import ast
 import copy
 import glob
-import io
+import importlib.util
 import json
 import math
 import os
 import sys
+import sysconfig
 import time
 import uuid
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import brotli
 import numpy as np
+import sentencepiece
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -129,67 +133,44 @@ class Hyperparameters:
     compile: str = setting("COMPILE", "auto", "torch.compile: auto (CUDA only) | 1 | 0")
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> "Hyperparameters":
+    def from_env(cls, environ: dict[str, str] | None = None) -> Hyperparameters:
         """Defaults, then the SMOKE profile, then every variable that is set."""
         environ = dict(os.environ if environ is None else environ)
-        values: dict[str, Any] = {}
-        smoke = parse_setting(cls, "smoke", environ["SMOKE"]) if "SMOKE" in environ else False
-        if smoke:
-            values.update(SMOKE_PROFILE)
-        for spec in fields(cls):
-            env_name = spec.metadata["env"]
-            if env_name in environ:
-                values[spec.name] = parse_setting(cls, spec.name, environ[env_name])
+        values = dict(SMOKE_PROFILE) if parse_setting("smoke", environ.get("SMOKE", "0")) else {}
+        values.update({spec.name: parse_setting(spec.name, environ[spec.metadata["env"]])
+                       for spec in fields(cls) if spec.metadata["env"] in environ})
         hp = cls(**values)
         hp.validate()
         return hp
 
     def validate(self) -> None:
-        def bad(env: str, value: Any, allowed: str) -> ConfigError:
-            return ConfigError(f"{env}={value!r} is not allowed: {allowed}")
-
-        for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size",
-                     "train_seq_len", "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs"):
-            if getattr(self, name) <= 0:
-                raise bad(env_of(name), getattr(self, name), "must be a positive integer")
-        if self.model_dim % self.num_heads:
-            raise bad("NUM_HEADS", self.num_heads, f"must divide MODEL_DIM={self.model_dim}")
-        if self.num_heads % self.num_kv_heads:
-            raise bad("NUM_KV_HEADS", self.num_kv_heads, f"must divide NUM_HEADS={self.num_heads}")
-        head_dim = self.model_dim // self.num_heads
-        if head_dim % 2 or not 0 <= self.rope_dims <= head_dim or self.rope_dims % 2:
-            raise bad("ROPE_DIMS", self.rope_dims, f"must be even and at most the head dim {head_dim} (head dim must be even)")
-        if self.rope_dims == 2:
-            raise bad("ROPE_DIMS", self.rope_dims, "must be 0 (all dims) or at least 4 (the long-context base scaling divides by ROPE_DIMS-2)")
-        if self.mlp_mult <= 0 or (self.mlp_mult * self.model_dim) % 1:
-            raise bad("MLP_MULT", self.mlp_mult, "must be positive and give an integer hidden width")
-        if self.bigram_vocab_size == 1 or self.bigram_vocab_size < 0:
-            raise bad("BIGRAM_VOCAB_SIZE", self.bigram_vocab_size, "must be 0 (off) or at least 2")
-        if self.ve_enabled:
-            for layer in self.value_embedding_layers:
-                if not 0 <= layer < self.num_layers:
-                    raise bad("VE_LAYERS", self.ve_layers, f"layers must lie in 0..{self.num_layers - 1}")
-        if not 0 <= self.xsa_last_n <= self.num_layers:
-            raise bad("XSA_LAST_N", self.xsa_last_n, f"must lie in 0..NUM_LAYERS={self.num_layers}")
-        if self.slot_mode not in SLOT_MODES:
-            raise bad("SLOT_MODE", self.slot_mode, f"one of {', '.join(SLOT_MODES)}")
-        if self.compile not in ("auto", "0", "1"):
-            raise bad("COMPILE", self.compile, "auto, 0 or 1")
-        if self.eval_stride > self.eval_seq_len:
-            raise bad("EVAL_STRIDE", self.eval_stride, f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
-        if not 0 <= self.bank_split <= self.num_layers:
-            raise bad("BANK_SPLIT", self.bank_split, f"must lie in 0..NUM_LAYERS={self.num_layers}")
-        if not 1 <= self.quant_clip_range <= 127:
-            raise bad("QUANT_CLIP_RANGE", self.quant_clip_range, "must lie in 1..127")
-        if self.grad_accum_steps < 0:
-            raise bad("GRAD_ACCUM_STEPS", self.grad_accum_steps, "must be 0 (automatic) or positive")
+        head_dim = self.model_dim // max(self.num_heads, 1)
+        rules = [(name, getattr(self, name) > 0, "must be a positive integer") for name in
+                 ("num_layers", "model_dim", "num_heads", "num_kv_heads", "vocab_size", "train_seq_len",
+                  "eval_seq_len", "train_batch_tokens", "eval_stride", "eval_batch_seqs")] + [
+            ("num_heads", self.model_dim % self.num_heads == 0, f"must divide MODEL_DIM={self.model_dim}"),
+            ("num_kv_heads", self.num_heads % self.num_kv_heads == 0, f"must divide NUM_HEADS={self.num_heads}"),
+            ("rope_dims", head_dim % 2 == 0 and self.rope_dims % 2 == 0 and self.rope_dims in {0, *range(4, head_dim + 1)},
+             f"must be 0 (all) or even in 4..{head_dim}, the head dim (the NTK scaling divides by ROPE_DIMS-2)"),
+            ("mlp_mult", self.mlp_mult > 0 and (self.mlp_mult * self.model_dim) % 1 == 0, "must give a whole hidden width"),
+            ("bigram_vocab_size", self.bigram_vocab_size == 0 or self.bigram_vocab_size >= 2, "must be 0 (off) or at least 2"),
+            ("ve_layers", all(0 <= i < self.num_layers for i in self.value_embedding_layers),
+             f"layers must lie in 0..{self.num_layers - 1}"),
+            ("xsa_last_n", 0 <= self.xsa_last_n <= self.num_layers, f"must lie in 0..NUM_LAYERS={self.num_layers}"),
+            ("bank_split", 0 <= self.bank_split <= self.num_layers, f"must lie in 0..NUM_LAYERS={self.num_layers}"),
+            ("slot_mode", self.slot_mode in SLOT_MODES, f"one of {', '.join(SLOT_MODES)}"),
+            ("compile", self.compile in ("auto", "0", "1"), "auto, 0 or 1"),
+            ("eval_stride", self.eval_stride <= self.eval_seq_len, f"must be at most EVAL_SEQ_LEN={self.eval_seq_len}"),
+            ("quant_clip_range", 1 <= self.quant_clip_range <= 127, "must lie in 1..127"),
+            ("grad_accum_steps", self.grad_accum_steps >= 0, "must be 0 (automatic) or positive")]
+        for name, holds, allowed in rules:
+            if not holds:
+                raise ConfigError(f"{env_of(name)}={getattr(self, name)!r} is not allowed: {allowed}")
 
     @property
     def value_embedding_layers(self) -> list[int]:
-        if not self.ve_enabled:
-            return []
         try:
-            return [int(part) for part in self.ve_layers.split(",") if part.strip()]
+            return [int(part) for part in self.ve_layers.split(",") if part.strip()] if self.ve_enabled else []
         except ValueError:
             raise ConfigError(f"VE_LAYERS={self.ve_layers!r} is not allowed: a comma-separated list of layer numbers") from None
 
@@ -217,43 +198,32 @@ SMOKE_PROFILE: dict[str, Any] = dict(
     gptq_reserve_ms=0.0, val_loss_every=100, train_log_every=25, val_batch_size=16384,
     muon_momentum_warmup_steps=100, bank_split=2, matrix_lr_early=0.02, matrix_lr_late=0.025, late_qat_min_step=200,
     gptq_calib_samples=4, ema_decay=0.95, eval_seq_len=256, eval_stride=64, eval_batch_seqs=16, slot_steps=4,
-    ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8,
-)
+    ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8)
 
 def env_of(name: str) -> str:
     return next(spec.metadata["env"] for spec in fields(Hyperparameters) if spec.name == name)
 
-def parse_setting(cls: type, name: str, raw: str) -> Any:
-    """Parse one variable by the type of its field; a bad value names the variable."""
-    spec = next(spec for spec in fields(cls) if spec.name == name)
-    kind, env = spec.type, spec.metadata["env"]
-    text = raw.strip()
-    try:
-        if kind == "bool":
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            value = float(text)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
+def parse_setting(name: str, raw: str) -> Any:
+    """Parse one variable by its field's type; a bad value names the variable."""
+    kind = next(spec.type for spec in fields(Hyperparameters) if spec.name == name)
+    text = raw.strip().lower()
+    if kind == "str":
         return raw
+    try:
+        if kind == "bool" and text in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            return text in ("1", "true", "yes", "on")
+        if kind in ("int", "float") and math.isfinite(value := (int if kind == "int" else float)(text)):
+            return value
     except ValueError:
-        expected = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}[kind]
-        raise ConfigError(f"{env}={raw!r} is not allowed: expected {expected}") from None
+        pass
+    expected = {"bool": "0 or 1", "int": "an integer", "float": "a finite number"}[kind]
+    raise ConfigError(f"{env_of(name)}={raw!r} is not allowed: expected {expected}")
 
 def describe_settings() -> str:
     """The --help text: every variable with its default and meaning."""
-    lines = ["Environment variables (default in brackets):"]
-    for spec in fields(Hyperparameters):
-        default = int(spec.default) if isinstance(spec.default, bool) else spec.default
-        lines.append(f"  {spec.metadata['env']:<28} [{default}] {spec.metadata['help']}")
-    return "\n".join(lines)
+    return "\n".join(["Environment variables (default in brackets):"] + [
+        f"  {spec.metadata['env']:<28} [{int(spec.default) if isinstance(spec.default, bool) else spec.default}] "
+        f"{spec.metadata['help']}" for spec in fields(Hyperparameters)])
 
 
 # -----------------------------------------------------------------------------
@@ -262,11 +232,8 @@ def describe_settings() -> str:
 # A shard is 256 little-endian int32 (magic, version, token count, zeros) followed by
 # that many little-endian uint16 tokens. Every document starts with BOS.
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-SHARD_HEADER_INTS = 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-BOS_ID = 1
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS, BOS_ID = 20240520, 1, 256, 1
+SHARD_HEADER_BYTES = 4 * SHARD_HEADER_INTS
 
 class DataError(ValueError):
     """A data file that cannot be used; the message names the file."""
@@ -280,15 +247,14 @@ def read_shard(path: str | Path) -> np.ndarray:
         raise DataError(f"{path}: cannot read shard ({error.strerror})") from None
     if size < SHARD_HEADER_BYTES:
         raise DataError(f"{path}: {size} bytes is shorter than the {SHARD_HEADER_BYTES}-byte shard header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if int(header[0]) != SHARD_MAGIC:
-        raise DataError(f"{path}: bad magic {int(header[0])}, expected {SHARD_MAGIC} (not a token shard)")
-    if int(header[1]) != SHARD_VERSION:
-        raise DataError(f"{path}: unsupported shard version {int(header[1])}, expected {SHARD_VERSION}")
-    count = int(header[2])
-    expected = SHARD_HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
-        raise DataError(f"{path}: file is {size} bytes but its header promises {count} tokens ({expected} bytes); truncated or corrupt")
+    magic, version, count = (int(value) for value in np.fromfile(path, dtype="<i4", count=3))
+    if magic != SHARD_MAGIC:
+        raise DataError(f"{path}: bad magic {magic}, expected {SHARD_MAGIC} (not a token shard)")
+    if version != SHARD_VERSION:
+        raise DataError(f"{path}: unsupported shard version {version}, expected {SHARD_VERSION}")
+    if count < 0 or size != SHARD_HEADER_BYTES + 2 * count:
+        raise DataError(f"{path}: file is {size} bytes but its header promises {count} tokens "
+                        f"({SHARD_HEADER_BYTES + 2 * count} bytes); truncated or corrupt")
     return np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES, shape=(count,))
 
 def write_atomic(path: str | Path, data: bytes) -> None:
@@ -319,16 +285,10 @@ def shard_paths(pattern: str) -> list[Path]:
 def load_validation_tokens(pattern: str, seq_len: int) -> Tensor:
     """All validation shards concatenated, cut to a multiple of seq_len, plus one target."""
     tokens = np.concatenate([np.asarray(read_shard(path)) for path in shard_paths(pattern)])
-    usable = ((tokens.size - 1) // seq_len) * seq_len
+    usable = (tokens.size - 1) // seq_len * seq_len
     if usable <= 0:
         raise DataError(f"{pattern}: {tokens.size} validation tokens are fewer than one sequence of {seq_len}")
     return torch.from_numpy(tokens[: usable + 1].astype(np.int64))
-
-def fnv1a_seed(names: list[str]) -> int:
-    seed = 0xCBF29CE484222325
-    for byte in "\n".join(names).encode():
-        seed = ((seed ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return seed
 
 class ShardCursor:
     """Visits the seq_len blocks of one shard in a coprime-stride order, each once per pass."""
@@ -340,19 +300,15 @@ class ShardCursor:
     def new_pass(self) -> None:
         # A random phase shifts the block grid each pass, so block edges move.
         max_phase = min(self.seq_len - 1, max(0, self.num_tokens - self.seq_len - 1))
-        self.phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        self.phase = int(self.rng.integers(max_phase + 1))
         self.num_blocks = (self.num_tokens - 1 - self.phase) // self.seq_len
-        self.start = int(self.rng.integers(self.num_blocks)) if self.num_blocks > 1 else 0
-        self.stride = self.coprime_stride(self.num_blocks)
+        self.start = int(self.rng.integers(self.num_blocks))
+        self.stride = 1
+        while self.num_blocks > 1:
+            self.stride = int(self.rng.integers(1, self.num_blocks))
+            if math.gcd(self.stride, self.num_blocks) == 1:
+                break
         self.taken = 0
-
-    def coprime_stride(self, n: int) -> int:
-        if n <= 1:
-            return 1
-        while True:
-            stride = int(self.rng.integers(1, n))
-            if math.gcd(stride, n) == 1:
-                return stride
 
     @property
     def remaining(self) -> int:
@@ -361,11 +317,10 @@ class ShardCursor:
     def take(self, count: int) -> list[int]:
         """Start offsets of the next `count` windows (seq_len + 1 tokens each)."""
         offsets = []
-        while len(offsets) < count:
+        for _ in range(count):
             if self.remaining == 0:
                 self.new_pass()
-            block = (self.start + self.taken * self.stride) % self.num_blocks
-            offsets.append(self.phase + block * self.seq_len)
+            offsets.append(self.phase + (self.start + self.taken * self.stride) % self.num_blocks * self.seq_len)
             self.taken += 1
         return offsets
 
@@ -375,39 +330,36 @@ class TokenSampler:
     Each step draws the step's global list of windows: a few shards, chosen with
     probability ~ remaining_blocks^alpha (alpha 0.9 -> 0.5 and 8 -> 32 shards over the
     first 1800 steps), interleaved round-robin. Every rank draws the same list (the RNG
-    is seeded from the shard names) and keeps its own slice, so ranks never share a
-    window. Micro-batch m of rank r takes windows[m*world + r :: world*accum]: the same
-    windows land in the same micro-batch whatever the split between ranks and
-    accumulation, which makes a 2-rank run the same math as 1 rank with 2 micro-steps.
+    is seeded from the shard names, so the order is the same for every SEED: a quirk
+    of the reference) and keeps its own slice, so ranks never share a window.
+    Micro-batch m of rank r takes windows[m*world + r :: world*accum]: the same windows
+    land in the same micro-batch whatever the split between ranks and accumulation, so
+    a 2-rank run is the same math as 1 rank with 2 micro-steps.
     """
 
     def __init__(self, pattern: str, seq_len: int, windows_per_step: int, rank: int, world_size: int, accum_steps: int):
+        if windows_per_step % (world_size * accum_steps):
+            raise ConfigError(f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={windows_per_step} windows is not allowed: "
+                              f"must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS={world_size * accum_steps}")
         self.paths = shard_paths(pattern)
         self.shards = [read_shard(path) for path in self.paths]
         self.seq_len, self.windows_per_step = seq_len, windows_per_step
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
-        if windows_per_step % (world_size * accum_steps):
-            raise ConfigError(
-                f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={windows_per_step} windows is not allowed: "
-                f"must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS={world_size * accum_steps}")
-        self.eligible = [i for i, shard in enumerate(self.shards) if (shard.size - 1) // seq_len > 0]
+        self.eligible = [i for i, shard in enumerate(self.shards) if shard.size > seq_len]
         if not self.eligible:
             raise DataError(f"{pattern}: no shard holds a full window of {seq_len + 1} tokens")
-        self.rng = np.random.Generator(np.random.PCG64(fnv1a_seed([p.name for p in self.paths])))
+        seed = 0xCBF29CE484222325  # FNV-1a of the shard names
+        for byte in "\n".join(p.name for p in self.paths).encode():
+            seed = ((seed ^ byte) * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+        self.rng = np.random.Generator(np.random.PCG64(seed))
         self.cursors: dict[int, ShardCursor] = {}
         self.steps_drawn = 0
 
-    def remaining_blocks(self, shard: int) -> int:
-        cursor = self.cursors.get(shard)
-        if cursor is None:
-            return (self.shards[shard].size - 1) // self.seq_len
-        return max(cursor.remaining, 1)
-
     def draw_step_windows(self) -> list[tuple[int, int]]:
         """(shard, offset) of every window of the next step, all ranks together."""
-        progress = min(self.steps_drawn / 1800.0, 1.0)
-        total = self.windows_per_step
-        remaining = np.array([self.remaining_blocks(s) for s in self.eligible], dtype=np.float64)
+        progress, total = min(self.steps_drawn / 1800.0, 1.0), self.windows_per_step
+        remaining = np.array([max(self.cursors[s].remaining, 1) if s in self.cursors else (self.shards[s].size - 1) // self.seq_len
+                              for s in self.eligible], dtype=np.float64)
         probs = remaining ** (0.9 - 0.4 * progress)
         probs /= probs.sum()
         low = min(max(8, self.world_size), len(self.eligible), total)
@@ -416,8 +368,7 @@ class TokenSampler:
         chosen = self.rng.choice(len(self.eligible), size=mix, replace=False, p=probs)
         counts = np.ones(mix, dtype=np.int64)
         if total > mix:
-            chosen_probs = probs[chosen] / probs[chosen].sum()
-            counts += self.rng.multinomial(total - mix, chosen_probs)
+            counts += self.rng.multinomial(total - mix, probs[chosen] / probs[chosen].sum())
         buckets = []
         for index in self.rng.permutation(mix):
             shard = self.eligible[int(chosen[index])]
@@ -427,8 +378,7 @@ class TokenSampler:
         windows: list[tuple[int, int]] = []
         while buckets:  # round-robin in a fresh random order each round
             buckets = [buckets[k] for k in self.rng.permutation(len(buckets))]
-            for bucket in buckets:
-                windows.append(bucket.pop())
+            windows += [bucket.pop() for bucket in buckets]
             buckets = [bucket for bucket in buckets if bucket]
         self.steps_drawn += 1
         return windows
@@ -438,15 +388,13 @@ class TokenSampler:
 
     def next_step(self, device: torch.device) -> list[tuple[Tensor, Tensor]]:
         """This rank's (inputs, targets) for each micro-step of the next step."""
-        windows = self.draw_step_windows()
-        batches = []
+        windows, batches = self.draw_step_windows(), []
         for micro_step in range(self.accum_steps):
-            mine = self.micro_batch_windows(windows, micro_step)
-            rows = np.stack([self.shards[s][o : o + self.seq_len + 1] for s, o in mine]).astype(np.int64)
-            rows_t = torch.from_numpy(rows)
+            rows = torch.from_numpy(np.stack([self.shards[s][o : o + self.seq_len + 1]
+                                              for s, o in self.micro_batch_windows(windows, micro_step)]).astype(np.int64))
             if device.type == "cuda":
-                rows_t = rows_t.pin_memory().to(device, non_blocking=True)
-            batches.append((rows_t[:, :-1], rows_t[:, 1:]))
+                rows = rows.pin_memory().to(device, non_blocking=True)
+            batches.append((rows[:, :-1], rows[:, 1:]))
         return batches
 
 def build_smoke_corpus(data_path: str | Path, tokenizer: Any) -> None:
@@ -456,9 +404,7 @@ def build_smoke_corpus(data_path: str | Path, tokenizer: Any) -> None:
     into paragraphs. Training: the other pages and the long docstrings of the standard
     library (about 1.8 MB of text together). Each document gets BOS in front.
     """
-    import ast
     import pydoc_data.topics
-    import sysconfig
 
     pages = [paragraph.strip() for _, page in sorted(pydoc_data.topics.topics.items())
              for paragraph in page.split("\n\n") if len(paragraph.strip()) > 40]
@@ -1026,8 +972,6 @@ def shipped_code_bytes() -> int:
     source = Path(__file__).read_text(encoding="utf-8")
     if source.startswith(PACKED_HEADER):
         return len(source.encode())
-    import importlib.util
-
     spec = importlib.util.spec_from_file_location("pack", Path(__file__).resolve().parents[1] / "tools" / "pack.py")
     pack = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pack)
@@ -1036,9 +980,7 @@ def shipped_code_bytes() -> int:
 class ArtifactError(ValueError):
     """An artifact that cannot be loaded; the message names the file."""
 
-
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
-
 
 def row_scales(weight: Tensor, quantile: float, clip_range: int) -> Tensor:
     """fp16 per-row scales putting the row's |w| quantile on the grid edge."""
@@ -1047,14 +989,11 @@ def row_scales(weight: Tensor, quantile: float, clip_range: int) -> Tensor:
     # A tiny floor instead of the reference's 1/clip_range, which crushes small rows.
     return (clip / clip_range).clamp_min(1e-8).to(torch.float16)
 
-
 def round_to_grid(weight: Tensor, scale: Tensor, clip_range: int) -> Tensor:
     return torch.clamp(torch.round(weight / scale.float()[:, None]), -clip_range, clip_range).to(torch.int8)
 
-
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
-
 
 def quantize_rows_int6(weight: Tensor, clip_range: int = 31) -> tuple[Tensor, Tensor]:
     """Per-row rounding; the clip quantile with the lowest squared error wins."""
@@ -1067,17 +1006,14 @@ def quantize_rows_int6(weight: Tensor, clip_range: int = 31) -> tuple[Tensor, Te
             best = (error, q, scale)
     return best[1], best[2]
 
-
 def quantize_rows_int8(weight: Tensor, quantile: float = 0.9999984) -> tuple[Tensor, Tensor]:
     scale = row_scales(weight, quantile, 127)
     return round_to_grid(weight, scale, 127), scale
-
 
 def hessian_error(weight: Tensor, q: Tensor, scale: Tensor, hessian: Tensor) -> float:
     """tr(E H E^T) with E = W - dequant(Q): the loss increase GPTQ minimises."""
     error = weight - dequantize_rows(q, scale)
     return float(((error @ hessian) * error).sum())
-
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31,
                   block_size: int = 128) -> tuple[Tensor, Tensor, bool]:
@@ -1112,7 +1048,6 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31,
             best = (error, q, scale)
     return best[1], best[2], True
 
-
 def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, block_size: int) -> Tensor:
     """The GPTQ sweep over (already permuted) columns, in blocks with lazy updates."""
     work = weight.clone()
@@ -1131,7 +1066,6 @@ def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, 
         work[:, end:] -= errors @ upper[start:end, end:]
     return q
 
-
 # Artifact format: magic, then brotli(quality 11) of [4-byte header length][JSON header]
 # [payload]. The header lists each tensor's dtype, shape and byte range; multi-byte
 # tensors are byte-shuffled (all first bytes, then all second bytes...), which groups
@@ -1139,18 +1073,13 @@ def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, 
 ARTIFACT_MAGIC = b"PGOLF1\n"
 ARTIFACT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
 
-
 def byte_shuffle(raw: bytes, width: int) -> bytes:
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).T.tobytes() if width > 1 else raw
-
 
 def byte_unshuffle(raw: bytes, width: int) -> bytes:
     return np.frombuffer(raw, dtype=np.uint8).reshape(width, -1).T.tobytes() if width > 1 else raw
 
-
 def encode_artifact(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
-    import brotli
-
     entries, chunks, offset = [], [], 0
     for name, tensor in tensors.items():
         dtype = str(tensor.dtype).removeprefix("torch.")
@@ -1162,10 +1091,7 @@ def encode_artifact(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     body = len(header).to_bytes(4, "little") + header + b"".join(chunks)
     return ARTIFACT_MAGIC + brotli.compress(body, quality=11)
 
-
 def decode_artifact(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    import brotli
-
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{source}: not a parameter-golf artifact (bad magic)")
     try:
@@ -1188,12 +1114,10 @@ def decode_artifact(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict[s
     except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
         raise ArtifactError(f"{source}: corrupt header ({error})") from None
 
-
 def write_artifact(path: str | Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> int:
     blob = encode_artifact(tensors, meta)
     write_atomic(path, blob)
     return len(blob)
-
 
 def read_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     try:
@@ -1201,7 +1125,6 @@ def read_artifact(path: str | Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     except OSError as error:
         raise ArtifactError(f"{path}: cannot read artifact ({error.strerror})") from None
     return decode_artifact(blob, str(path))
-
 
 # Which bank slice is which matrix, and which captured input its Hessian comes from
 # (q, k and v read the same input, so they share one Hessian).
@@ -1382,14 +1305,12 @@ def report_size_verdict(report: ArtifactReport, runtime: Runtime) -> int:
 # summed in float64 over all ranks. "Ordinal" o is the prediction of token o+1 from
 # tokens 0..o; evaluation-time adaptation may only use ordinals already scored.
 
-
 @dataclass
 class TokenBytes:
     """Per-piece byte counts from the SentencePiece model."""
     base: Tensor  # UTF-8 bytes of the piece without its leading "▁" (byte pieces: 1)
     leading_space: Tensor  # the piece starts with "▁" (one more byte, unless after a boundary)
     boundary: Tensor  # control, unknown and unused pieces: no bytes, and no space after them
-
 
 def build_token_bytes(tokenizer: Any, vocab_size: int, device: torch.device) -> TokenBytes:
     size = max(vocab_size, tokenizer.vocab_size())
@@ -1406,11 +1327,9 @@ def build_token_bytes(tokenizer: Any, vocab_size: int, device: torch.device) -> 
         base[piece_id] = len(piece.removeprefix("\u2581").encode("utf-8"))
     return TokenBytes(*(torch.tensor(array, device=device) for array in (base, leading, boundary)))
 
-
 def count_bytes(token_bytes: TokenBytes, previous: Tensor, targets: Tensor) -> Tensor:
     space = token_bytes.leading_space[targets] & ~token_bytes.boundary[previous]
     return (token_bytes.base[targets] + space).double()
-
 
 @dataclass
 class EvalResult:
@@ -1427,7 +1346,6 @@ class EvalResult:
     def bpb(self) -> float:
         return self.nll / math.log(2) / self.bytes
 
-
 class ScoreSum:
     """Running float64 sums of NLL, tokens and bytes on this rank."""
 
@@ -1443,11 +1361,9 @@ class ScoreSum:
         nll, tokens, count = self.runtime.all_reduce_sum(self.sums.clone()).tolist()
         return EvalResult(nll, tokens, count, time.perf_counter() - self.started)
 
-
 def rank_share(items: list, runtime: Runtime) -> list:
     """A contiguous 1/world_size of the items."""
     return items[len(items) * runtime.rank // runtime.world_size : len(items) * (runtime.rank + 1) // runtime.world_size]
-
 
 @torch.no_grad()
 def evaluate_standard(model: nn.Module, val_tokens: Tensor, seq_len: int, batch_tokens: int,
@@ -1467,7 +1383,6 @@ def evaluate_standard(model: nn.Module, val_tokens: Tensor, seq_len: int, batch_
     model.train(was_training)
     return score.result()
 
-
 def sliding_windows(num_ordinals: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
     """(start, end, first_scored) of each window; every ordinal is scored exactly once.
 
@@ -1482,7 +1397,6 @@ def sliding_windows(num_ordinals: int, seq_len: int, stride: int) -> list[tuple[
         scored_to = end
     return windows
 
-
 def context_masks(windows: list[tuple[int, int, int]], mode: str, device: torch.device) -> Tensor:
     """[B, T] bool: the positions whose targets a SLOT delta may be fitted on.
 
@@ -1496,7 +1410,6 @@ def context_masks(windows: list[tuple[int, int, int]], mode: str, device: torch.
     if mode == "batch_causal":
         limits = limits.min().expand_as(limits)
     return starts + positions < limits
-
 
 def fit_slot_delta(model: GPT, hidden: Tensor, targets: Tensor, mask: Tensor, hp: Hyperparameters,
                    runtime: Runtime) -> Tensor:
@@ -1520,7 +1433,6 @@ def fit_slot_delta(model: GPT, hidden: Tensor, targets: Tensor, mask: Tensor, hp
         optimizer.step()
     return delta.detach()
 
-
 def score_windows(model: GPT, hidden_fn: Callable, val_tokens: Tensor, windows: list[tuple[int, int, int]],
                   hp: Hyperparameters, runtime: Runtime, slot: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """NLL of each window's scored ordinals: (nll, previous tokens, targets, ordinals), flat."""
@@ -1538,7 +1450,6 @@ def score_windows(model: GPT, hidden_fn: Callable, val_tokens: Tensor, windows: 
     ordinals = torch.tensor([start for start, _, _ in windows], device=runtime.device)[:, None] + torch.arange(rows.size(1) - 1, device=runtime.device)
     return nll, inputs[scored], targets[scored], ordinals[scored]
 
-
 def evaluate_sliding(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_bytes: TokenBytes,
                      runtime: Runtime, slot: bool, nll_out: Tensor | None = None) -> EvalResult:
     """Sliding-window evaluation, optionally with context-only SLOT. nll_out (length N,
@@ -1555,7 +1466,6 @@ def evaluate_sliding(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_
             nll_out[ordinals.cpu()] = nll.double().cpu()
     model.train(was_training).requires_grad_(True)
     return score.result()
-
 
 def evaluate_ttt(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_bytes: TokenBytes,
                  runtime: Runtime, nll_out: Tensor | None = None) -> EvalResult:
@@ -1601,7 +1511,6 @@ def evaluate_ttt(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_byte
                         f"time={time.perf_counter() - score.started:.1f}s")
     return score.result()
 
-
 def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, val_tokens: Tensor,
                    chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters, runtime: Runtime) -> None:
     """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk).
@@ -1634,16 +1543,13 @@ def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.opti
             torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
             optimizer.step()
 
-
 def log_result(runtime: Runtime, name: str, result: EvalResult, extra: str = "") -> None:
     runtime.log(f"{name} val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} {extra}eval_time:{1000 * result.seconds:.0f}ms")
     runtime.log(f"{name}_exact val_loss:{result.loss:.8f} val_bpb:{result.bpb:.8f}")
 
-
 def log_post_ema_diagnostic(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> None:
     result = evaluate_standard(model, data.val_tokens, hp.train_seq_len, hp.val_batch_size, data.token_bytes, runtime)
     runtime.log(f"DIAGNOSTIC post_ema val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} eval_time:{1000 * result.seconds:.0f}ms")
-
 
 def evaluate_artifact(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> None:
     """Round trip, sliding window (with SLOT when enabled), TTT when enabled; names the score that counts."""
@@ -1930,8 +1836,6 @@ def resolve_tokenizer_path(hp: Hyperparameters) -> Path:
     return path
 
 def load_tokenizer(hp: Hyperparameters) -> Any:
-    import sentencepiece
-
     path = resolve_tokenizer_path(hp)
     try:
         tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(path))
@@ -1993,6 +1897,8 @@ def main() -> int:
         artifact = export_artifact(hp, model, runtime)
         quantized = load_quantized_model(hp, artifact.path, runtime)
         evaluate_artifact(hp, quantized, data, runtime)
+        if runtime.distributed:  # no rank tears the group down while another still talks
+            dist.barrier()
         return report_size_verdict(artifact, runtime)
     finally:
         if dist.is_initialized():

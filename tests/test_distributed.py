@@ -51,6 +51,7 @@ def worker(rank: int, port: int, use_reduce_scatter: bool, results) -> None:
         banks = make_banks()
         run_muon(banks, 2, rank, use_reduce_scatter)
         results[rank] = [bank.detach().clone() for bank in banks]
+        dist.barrier()  # neither rank leaves while the other still talks
     finally:
         dist.destroy_process_group()
 
