@@ -1553,7 +1553,8 @@ def log_post_ema_diagnostic(hp: Hyperparameters, model: GPT, data: "EvalData", r
 
 def evaluate_artifact(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> None:
     """Round trip, sliding window (with SLOT when enabled), TTT when enabled; names the score that counts."""
-    roundtrip = evaluate_standard(model, data.val_tokens, hp.eval_seq_len, hp.val_batch_size, data.token_bytes, runtime)
+    roundtrip = evaluate_standard(compile_if_enabled(hp, model, runtime), data.val_tokens, hp.eval_seq_len,
+                                  hp.val_batch_size, data.token_bytes, runtime)
     log_result(runtime, "final_int6_roundtrip", roundtrip)
     slot = hp.slot_enabled and hp.slot_steps > 0
     if slot and hp.slot_mode == "shared":
