@@ -1854,8 +1854,8 @@ class EvalData:
 
 def load_data(hp: Hyperparameters, runtime: Runtime) -> EvalData:
     tokenizer = load_tokenizer(hp)
-    if hp.smoke and not glob.glob(hp.train_files):
-        if runtime.is_main:
+    if hp.smoke:  # rank 0 builds the corpus once; every rank waits, whoever saw what
+        if runtime.is_main and not glob.glob(hp.train_files):
             build_smoke_corpus(hp.data_path, tokenizer)
         if runtime.distributed:
             dist.barrier()
