@@ -1717,12 +1717,7 @@ def warm_up_and_reset(hp: Hyperparameters, model: GPT, train_model: nn.Module, o
         optimizer.load_state_dict(state)
     optimizers.zero_grad()
 
-@dataclass
-class TrainingResult:
-    steps: int
-    train_time_ms: float
-
-def train(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> TrainingResult:
+def train(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -> None:
     """The timed loop: wall-clock LR schedule, EMA, late QAT, periodic validation."""
     accum_steps = hp.grad_accum_steps or 8 // runtime.world_size
     train_model = compile_if_enabled(hp, model, runtime)
@@ -1779,7 +1774,6 @@ def train(hp: Hyperparameters, model: GPT, data: "EvalData", runtime: Runtime) -
     runtime.log("ema:applying EMA weights")
     ema.copy_to_model()
     model.set_late_qat(None)
-    return TrainingResult(steps=step, train_time_ms=training_ms)
 
 def compile_if_enabled(hp: Hyperparameters, model: nn.Module, runtime: Runtime) -> nn.Module:
     enabled = hp.compile == "1" or (hp.compile == "auto" and runtime.device.type == "cuda")

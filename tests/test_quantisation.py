@@ -171,3 +171,13 @@ def test_pack_check_detects_a_stale_file(tmp_path, monkeypatch):
         assert pack.main() == status
     repository_check = subprocess.run([sys.executable, str(ROOT / "tools" / "pack.py"), "--check"], capture_output=True, text=True)
     assert repository_check.returncode == 0, repository_check.stderr
+
+
+def test_over_the_size_limit_is_impossible_to_miss(capsys):
+    runtime = train_gpt.Runtime()
+    fits = train_gpt.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_601, code_bytes=27_399)
+    over = train_gpt.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_602, code_bytes=27_399)
+    assert fits.total_bytes == 16_000_000 and train_gpt.report_size_verdict(fits, runtime) == 0
+    assert capsys.readouterr().out == ""
+    assert train_gpt.report_size_verdict(over, runtime) == 1
+    assert "SIZE LIMIT EXCEEDED: total 16000001 bytes (limit 16000000); exit status 1" in capsys.readouterr().out
