@@ -108,3 +108,13 @@ def test_shipped_file_behaves_like_the_source(tmp_path, smoke_corpus):
     assert final_lines(source.stdout) == final_lines(shipped.stdout) and len(final_lines(source.stdout)) > 8
     code_bytes = len((ROOT / "train_gpt.py").read_bytes())
     assert f"Code size: {code_bytes} bytes" in source.stdout and f"Code size: {code_bytes} bytes" in shipped.stdout
+
+
+def test_benchmark_runs_and_prints_one_table():
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--tiny", "--steps", "2", "--warmup", "1",
+                             "--eval-windows", "16"], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    header, row = result.stdout.strip().splitlines()[-2:]
+    assert "ms/step" in header and "+SLOT ms/window" in header
+    assert all(float(cell.replace(",", "").rstrip("%")) > 0 for cell in row.strip("| ").split("|")[:2])
