@@ -1515,28 +1515,25 @@ def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.opti
                    chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters, runtime: Runtime) -> None:
     """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk).
 
-    Every rank runs the same number of batches (an empty share contributes zero
-    gradients), so the collectives line up; each batch's gradient is the mean over
-    all ranks' sequences.
+    Batches are the same whatever the world size; each rank takes its share of every
+    batch (possibly none) and the gradients are summed, weighted by sequences, so the
+    update is the batch mean and every rank runs the same collectives.
     """
     length = hp.eval_seq_len
     starts = list(range(chunk_start, chunk_end - length + 1, length))
-    per_rank = -(-len(starts) // runtime.world_size)
-    mine = starts[runtime.rank * per_rank : (runtime.rank + 1) * per_rank]
     for group in optimizer.param_groups:
         group["lr"] = lr
     model.train()
     for _ in range(hp.ttt_epochs):
-        for first in range(0, per_rank, hp.ttt_batch_seqs):
-            batch = mine[first : first + hp.ttt_batch_seqs]
-            total = sum(len(starts[r * per_rank : (r + 1) * per_rank][first : first + hp.ttt_batch_seqs])
-                        for r in range(runtime.world_size))
+        for first in range(0, len(starts), hp.ttt_batch_seqs):
+            batch = starts[first : first + hp.ttt_batch_seqs]
+            mine = rank_share(batch, runtime)
             optimizer.zero_grad(set_to_none=False)
-            if batch:
-                rows = torch.stack([val_tokens[s : s + length + 1] for s in batch]).to(runtime.device)
+            if mine:
+                rows = torch.stack([val_tokens[s : s + length + 1] for s in mine]).to(runtime.device)
                 with runtime.autocast():
                     loss = model(rows[:, :-1], rows[:, 1:])
-                (loss * len(batch) / total).backward()
+                (loss * len(mine) / len(batch)).backward()
             if runtime.distributed:
                 for param in params:
                     dist.all_reduce(param.grad)
