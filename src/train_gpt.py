@@ -1454,7 +1454,7 @@ def evaluate_sliding(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_
                      runtime: Runtime, slot: bool, nll_out: Tensor | None = None) -> EvalResult:
     """Sliding-window evaluation, optionally with context-only SLOT. nll_out (length N,
     single process) receives each ordinal's NLL, for the legality tests."""
-    was_training = model.training
+    was_training, trainable = model.training, [p.requires_grad for p in model.parameters()]
     model.eval().requires_grad_(False)
     hidden_fn = torch.compile(model.forward_hidden, dynamic=False) if runtime.device.type == "cuda" else model.forward_hidden
     windows = rank_share(sliding_windows(val_tokens.numel() - 1, hp.eval_seq_len, hp.eval_stride), runtime)
@@ -1464,7 +1464,9 @@ def evaluate_sliding(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_
         score.add(nll, previous, targets, token_bytes)
         if nll_out is not None:
             nll_out[ordinals.cpu()] = nll.double().cpu()
-    model.train(was_training).requires_grad_(True)
+    model.train(was_training)
+    for param, flag in zip(model.parameters(), trainable):
+        param.requires_grad_(flag)
     return score.result()
 
 def evaluate_ttt(model: GPT, val_tokens: Tensor, hp: Hyperparameters, token_bytes: TokenBytes,
@@ -1534,9 +1536,11 @@ def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.opti
                 with runtime.autocast():
                     loss = model(rows[:, :-1], rows[:, 1:])
                 (loss * len(mine) / len(batch)).backward()
-            if runtime.distributed:
-                for param in params:
-                    dist.all_reduce(param.grad)
+            if runtime.distributed:  # one collective for all gradients
+                flat = torch.cat([param.grad.flatten() for param in params])
+                dist.all_reduce(flat)
+                for param, reduced in zip(params, flat.split([param.numel() for param in params])):
+                    param.grad.copy_(reduced.view_as(param))
             torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
             optimizer.step()
 

@@ -172,6 +172,14 @@ def test_slot_changes_scores_and_modes_differ(byte_table):
     assert not torch.equal(scores["window"], scores["batch_causal"])
 
 
+def test_sliding_evaluation_restores_the_trainable_flags(byte_table):
+    hp = tiny_hp(**SLOT)
+    model = noisy_model(hp)
+    model.smear.gate.requires_grad_(False)
+    train_gpt.evaluate_sliding(model, val_tokens(300), hp, byte_table, train_gpt.Runtime(), slot=True)
+    assert [p.requires_grad for p in model.parameters()].count(False) == 1 and not model.smear.gate.requires_grad
+
+
 def test_ttt_leaves_the_callers_model_unchanged(byte_table):
     hp = tiny_hp(TTT_CHUNK_TOKENS="128", TTT_LR="0.05")
     model = noisy_model(hp)
