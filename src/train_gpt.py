@@ -25,6 +25,7 @@ import sys
 import sysconfig
 import time
 import uuid
+import zlib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -986,8 +987,9 @@ def row_scales(weight: Tensor, quantile: float, clip_range: int) -> Tensor:
     """fp16 per-row scales putting the row's |w| quantile on the grid edge."""
     magnitude = weight.abs()
     clip = magnitude.amax(dim=1) if quantile >= 1.0 else torch.quantile(magnitude, quantile, dim=1)
-    # A tiny floor instead of the reference's 1/clip_range, which crushes small rows.
-    return (clip / clip_range).clamp_min(1e-8).to(torch.float16)
+    # Kept inside fp16's range (smallest subnormal .. max) so a scale is never 0 or inf;
+    # the reference's floor of 1/clip_range instead crushes small rows.
+    return (clip / clip_range).clamp(2.0**-24, 65504.0).to(torch.float16)
 
 def round_to_grid(weight: Tensor, scale: Tensor, clip_range: int) -> Tensor:
     return torch.clamp(torch.round(weight / scale.float()[:, None]), -clip_range, clip_range).to(torch.int8)
@@ -1066,8 +1068,10 @@ def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, 
         work[:, end:] -= errors @ upper[start:end, end:]
     return q
 
-# Artifact format: magic, then brotli(quality 11) of [4-byte header length][JSON header]
-# [payload]. The header lists each tensor's dtype, shape and byte range; multi-byte
+# Artifact format: magic, CRC-32 of the brotli stream (brotli has no checksum, so a
+# flipped byte could otherwise decode to other weights), then brotli(quality 11) of
+# [4-byte header length][JSON header][payload]. The header lists each tensor's dtype,
+# shape and byte range, back to back over the whole payload; multi-byte
 # tensors are byte-shuffled (all first bytes, then all second bytes...), which groups
 # the similar high bytes of fp16 values and helps brotli. Loading never runs code.
 ARTIFACT_MAGIC = b"PGOLF1\n"
@@ -1089,25 +1093,33 @@ def encode_artifact(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
         offset += len(raw)
     header = json.dumps({"tensors": entries, "meta": meta}).encode()
     body = len(header).to_bytes(4, "little") + header + b"".join(chunks)
-    return ARTIFACT_MAGIC + brotli.compress(body, quality=11)
+    stream = brotli.compress(body, quality=11)
+    return ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
 
 def decode_artifact(blob: bytes, source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     if not blob.startswith(ARTIFACT_MAGIC):
         raise ArtifactError(f"{source}: not a parameter-golf artifact (bad magic)")
+    stream = blob[len(ARTIFACT_MAGIC) + 4:]
+    if zlib.crc32(stream).to_bytes(4, "little") != blob[len(ARTIFACT_MAGIC) : len(ARTIFACT_MAGIC) + 4]:
+        raise ArtifactError(f"{source}: truncated or corrupt (checksum mismatch)")
     try:
-        body = brotli.decompress(blob[len(ARTIFACT_MAGIC):])
+        body = brotli.decompress(stream)
         header_len = int.from_bytes(body[:4], "little")
         header = json.loads(body[4 : 4 + header_len])
         payload = memoryview(body)[4 + header_len:]
-        tensors = {}
+        tensors, expected_start = {}, 0
         for entry in header["tensors"]:
             dtype = ARTIFACT_DTYPES[entry["dtype"]]
             start, size, shape = int(entry["offset"]), int(entry["bytes"]), [int(n) for n in entry["shape"]]
             width = torch.empty((), dtype=dtype).element_size()
-            if start < 0 or start + size > len(payload) or size != math.prod(shape) * width:
+            if (start != expected_start or min(shape, default=0) < 0 or start + size > len(payload)
+                    or size != math.prod(shape) * width):
                 raise ValueError(f"tensor {entry['name']} lies outside the payload or has the wrong size")
+            expected_start = start + size
             raw = bytearray(byte_unshuffle(bytes(payload[start : start + size]), width))
             tensors[str(entry["name"])] = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
+        if expected_start != len(payload):
+            raise ValueError(f"{len(payload) - expected_start} payload bytes belong to no tensor")
         return tensors, dict(header["meta"])
     except brotli.error:
         raise ArtifactError(f"{source}: truncated or corrupt (brotli stream does not decode)") from None

@@ -107,15 +107,36 @@ def test_damaged_artifacts_give_a_clear_error(tmp_path, kind, blob):
     assert str(path) in str(caught.value)
 
 
-def test_header_cannot_point_outside_the_payload(tmp_path):
-    import brotli
+def forged_blob(entries: list[dict], payload: bytes) -> bytes:
     import json
+    import zlib
 
-    header = json.dumps({"tensors": [{"name": "x", "dtype": "float16", "shape": [1000], "offset": 0, "bytes": 2000}],
-                         "meta": {}}).encode()
-    blob = train_gpt.ARTIFACT_MAGIC + brotli.compress(len(header).to_bytes(4, "little") + header + b"\0" * 10)
-    with pytest.raises(train_gpt.ArtifactError, match="outside the payload"):
+    import brotli
+
+    header = json.dumps({"tensors": entries, "meta": {}}).encode()
+    stream = brotli.compress(len(header).to_bytes(4, "little") + header + payload)
+    return train_gpt.ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
+
+
+@pytest.mark.parametrize("entry, payload, message", [
+    ({"shape": [1000], "offset": 0, "bytes": 2000}, b"\0" * 10, "outside the payload"),
+    ({"shape": [-1], "offset": 0, "bytes": -2}, b"", "outside the payload"),
+    ({"shape": [5], "offset": 0, "bytes": 10}, b"\0" * 12, "2 payload bytes belong to no tensor"),
+], ids=["past_the_end", "negative_shape", "trailing_bytes"])
+def test_forged_headers_are_refused(entry, payload, message):
+    blob = forged_blob([{"name": "x", "dtype": "float16", **entry}], payload)
+    with pytest.raises(train_gpt.ArtifactError, match=message):
         train_gpt.decode_artifact(blob, "forged.ptz")
+
+
+@pytest.mark.parametrize("row_scale", [0.0, 1e-7])
+def test_zero_and_tiny_rows_quantise_to_finite_values(row_scale):
+    weight = torch.randn(4, 64)
+    weight[1] *= row_scale
+    for q, scale in (train_gpt.quantize_rows_int6(weight), train_gpt.quantize_rows_int8(weight)):
+        restored = train_gpt.dequantize_rows(q, scale)
+        assert scale.float().min() > 0 and torch.isfinite(restored).all()
+        assert (restored[1] - weight[1]).abs().max() <= 1e-6
 
 
 def test_missing_artifact_is_named(tmp_path):
