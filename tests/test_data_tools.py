@@ -1,20 +1,17 @@
-"""data/: download planning and resume logic, text export, HTML stripping (no network)."""
+"""tools/ for data: download planning and resume logic, text export, HTML stripping (no network)."""
 
 from __future__ import annotations
 
 import json
-import sys
 
+import build_proxy_corpus
+import download_fineweb
+import export_text
 import numpy as np
 import pytest
 
-import train_gpt
-from conftest import ROOT, TOKENIZER
-
-sys.path.insert(0, str(ROOT / "data"))
-import build_proxy_corpus  # noqa: E402
-import download_fineweb  # noqa: E402
-import export_text  # noqa: E402
+import trainer
+from conftest import TOKENIZER
 
 MANIFEST = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
                           "stats": {"files_train": 80, "files_val": 1}}],
@@ -52,16 +49,16 @@ def test_bad_manifests_say_what_is_missing(manifest, variant, shards, message):
 def test_download_resumes_and_verifies(tmp_path):
     plan = download_fineweb.plan_downloads(MANIFEST, "sp1024", 2)
     good = download_fineweb.local_path(plan[0], tmp_path)
-    train_gpt.write_shard(good, np.arange(100))
+    trainer.write_shard(good, np.arange(100))
     truncated = download_fineweb.local_path(plan[1], tmp_path)
-    train_gpt.write_shard(truncated, np.arange(100))
+    trainer.write_shard(truncated, np.arange(100))
     truncated.write_bytes(truncated.read_bytes()[:-7])
     fetched = []
 
     def fake_fetch(remote, destination):
         fetched.append(remote)
         if destination.suffix == ".bin":
-            train_gpt.write_shard(destination, np.arange(50))
+            trainer.write_shard(destination, np.arange(50))
         else:
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_text("tokenizer")
@@ -81,7 +78,7 @@ def test_a_bad_download_is_deleted_and_reported(tmp_path):
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_bytes(b"<html>rate limited</html>" * 50)
 
-    with pytest.raises(train_gpt.DataError, match="failed the header/size check and was deleted"):
+    with pytest.raises(trainer.DataError, match="failed the header/size check and was deleted"):
         download_fineweb.download(plan, tmp_path, broken_fetch, log=lambda line: None)
     assert not download_fineweb.local_path(plan[0], tmp_path).exists()
 
@@ -94,14 +91,14 @@ def test_export_writes_bos_separated_documents_and_splits_by_count(tmp_path, tok
     assert manifest["documents"] == {"val": 3, "train": 5}
     for split, expected in (("val", DOCUMENTS[:3]), ("train", DOCUMENTS[3:])):
         files = sorted(tmp_path.glob(f"fineweb_{split}_*.bin"))
-        tokens = np.concatenate([np.asarray(train_gpt.read_shard(f)) for f in files])
-        assert all(train_gpt.read_shard(f).size <= 64 for f in files)
-        assert tokens[0] == train_gpt.BOS_ID and (tokens == train_gpt.BOS_ID).sum() == len(expected)
-        pieces = np.split(tokens, np.flatnonzero(tokens == train_gpt.BOS_ID))[1:]
+        tokens = np.concatenate([np.asarray(trainer.read_shard(f)) for f in files])
+        assert all(trainer.read_shard(f).size <= 64 for f in files)
+        assert tokens[0] == trainer.BOS_ID and (tokens == trainer.BOS_ID).sum() == len(expected)
+        pieces = np.split(tokens, np.flatnonzero(tokens == trainer.BOS_ID))[1:]
         assert [tokenizer.decode(p[1:].tolist()) for p in pieces] == [d.strip() for d in expected]
     assert len(manifest["files"]) > 2  # small shards: several of them
     listed = {f["file"]: f["tokens"] for f in manifest["files"]}
-    assert listed == {p.name: int(train_gpt.read_shard(p).size) for p in tmp_path.glob("*.bin")}
+    assert listed == {p.name: int(trainer.read_shard(p).size) for p in tmp_path.glob("*.bin")}
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
 

@@ -1,20 +1,21 @@
-"""QUANTISATION AND ARTIFACT section: grids, GPTQ, the artifact format, the pack tool."""
+"""QUANTISATION AND ARTIFACT: grids and floors, GPTQ against a textbook re-implementation,
+the artifact format, the 16 MB accounting, the packed file."""
 
 from __future__ import annotations
 
 import ast
+import json
 import pickle
 import subprocess
 import sys
+import zlib
 
+import brotli
 import pytest
 import torch
 
-import train_gpt
-from conftest import ROOT, tiny_hp
-
-sys.path.insert(0, str(ROOT / "tools"))
-import pack  # noqa: E402
+import trainer
+from conftest import ROOT, tiny_hp, tiny_model
 
 
 def grid_matrix(rows: int, cols: int, clip_range: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -24,21 +25,39 @@ def grid_matrix(rows: int, cols: int, clip_range: int) -> tuple[torch.Tensor, to
     return q, scale, q.float() * scale.float()[:, None]
 
 
-@pytest.mark.parametrize("quantize, clip_range", [(train_gpt.quantize_rows_int6, 31), (train_gpt.quantize_rows_int8, 127)])
+@pytest.mark.parametrize("quantize, clip_range", [(trainer.quantize_rows_int6, 31), (trainer.quantize_rows_int8, 127)])
 def test_round_trip_is_exact_on_the_grid(quantize, clip_range):
     torch.manual_seed(0)
     q, scale, weight = grid_matrix(16, 300, clip_range)
     got_q, got_scale = quantize(weight)
-    assert torch.equal(train_gpt.dequantize_rows(got_q, got_scale), weight)
+    assert torch.equal(trainer.dequantize_rows(got_q, got_scale), weight)
     assert got_q.dtype == torch.int8 and int(got_q.abs().max()) <= clip_range
 
 
-def test_int6_values_stay_on_the_grid_and_small_rows_keep_resolution():
-    weight = torch.randn(8, 64)
-    weight[3] *= 1e-4  # the reference's 1/31 scale floor would round this row to zero
-    q, scale = train_gpt.quantize_rows_int6(weight)
-    assert int(q.abs().max()) <= 31
-    assert (train_gpt.dequantize_rows(q, scale)[3] - weight[3]).abs().max() < 0.05 * weight[3].abs().max()
+def test_scale_floor_binds_below_one_unless_fine():
+    weight = torch.tensor([[0.5, -0.25, 0.1], [62.0, 1.0, -3.0]])
+    assert trainer.row_scales(weight, 1.0, 31, floor=True).float().tolist() == pytest.approx([1 / 31, 2.0], rel=1e-3)
+    assert trainer.row_scales(weight, 1.0, 31, floor=False).float().tolist() == pytest.approx([0.5 / 31, 2.0], rel=1e-3)
+    assert trainer.quantize_rows_int8(weight)[1].float()[0] == pytest.approx(1 / 127, rel=1e-3)
+    assert trainer.quantize_rows_int8(weight, floor=False)[1].float()[0] == pytest.approx(0.5 / 127, rel=1e-3)
+
+
+def test_small_rows_keep_their_resolution_only_with_fine_scales():
+    weight = torch.randn(8, 64) * 0.02  # max well below 1: the floor coarsens the whole row
+    coarse = trainer.dequantize_rows(*trainer.quantize_rows_int6(weight))
+    fine = trainer.dequantize_rows(*trainer.quantize_rows_int6(weight, floor=False))
+    assert (fine - weight).abs().max() < 0.05 * weight.abs().max() < (coarse - weight).abs().max()
+
+
+@pytest.mark.parametrize("row_scale", [0.0, 1e-7])
+def test_zero_and_tiny_rows_quantise_to_finite_values(row_scale):
+    weight = torch.randn(4, 64)
+    weight[1] *= row_scale
+    for floor in (True, False):
+        for q, scale in (trainer.quantize_rows_int6(weight, floor=floor), trainer.quantize_rows_int8(weight, floor=floor)):
+            restored = trainer.dequantize_rows(q, scale)
+            assert scale.float().min() > 0 and torch.isfinite(restored).all()
+            assert (restored[1] - weight[1]).abs().max() <= 1e-6
 
 
 def correlated_layer(seed: int = 0):
@@ -47,30 +66,55 @@ def correlated_layer(seed: int = 0):
     inputs = torch.randn(4096, 64, generator=generator) @ mixing  # strongly correlated features
     hessian = inputs.T @ inputs / len(inputs)
     hessian += 0.01 * hessian.diagonal().mean() * torch.eye(64)
-    return torch.randn(48, 64, generator=generator), hessian
+    return torch.randn(48, 64, generator=generator) * 0.3, hessian
+
+
+def textbook_gptq(weight, hessian, fine: bool):
+    """GPTQ written out column by column in float64, with the variant's three choices."""
+    weight, hessian = weight.double(), hessian.double().clone()
+    if not fine:
+        hessian += 0.01 * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=torch.float64)
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    upper = torch.linalg.cholesky(torch.linalg.inv(hessian[order][:, order])).T
+    best = None
+    for quantile in (0.999, 0.9995, 0.9999, 0.99999, 1.0):
+        clip = torch.quantile(weight.abs().float(), quantile, dim=1).double() if quantile < 1 else weight.abs().amax(1)
+        scale = (clip / 31).clamp_min(1 / 31 if not fine else 2.0**-24).half().double()
+        work, q = weight[:, order].clone(), torch.zeros_like(weight)
+        for j in range(weight.size(1)):
+            q[:, j] = torch.clamp(torch.round(work[:, j] / scale), -31, 31)
+            error = (work[:, j] - q[:, j] * scale) / upper[j, j]
+            work[:, j:] -= error[:, None] * upper[j, j:][None, :]
+        q = q[:, torch.argsort(order)]
+        residual = weight - q * scale[:, None]
+        error = float(((residual @ hessian) * residual).sum()) if fine else float(residual.square().sum())
+        if best is None or error < best[0]:
+            best = (error, q, scale)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("fine", [False, True], ids=["reference", "fine_scales"])
+def test_gptq_matches_a_textbook_version(fine):
+    weight, hessian = correlated_layer()
+    q, scale, used = trainer.gptq_quantize(weight, hessian, block_size=16, fine=fine)
+    expected_q, expected_scale = textbook_gptq(weight, hessian, fine)
+    assert used and torch.equal(scale.double(), expected_scale)
+    assert (q.double() == expected_q).float().mean() > 0.99  # float32 vs float64 may flip a rare rounding
 
 
 def test_gptq_beats_plain_rounding_on_the_hessian_weighted_error():
     weight, hessian = correlated_layer()
-    q_gptq, scale_gptq, used = train_gpt.gptq_quantize(weight, hessian, block_size=16)
-    q_plain, scale_plain = train_gpt.quantize_rows_int6(weight)
-    gptq_error = train_gpt.hessian_error(weight, q_gptq, scale_gptq, hessian)
-    plain_error = train_gpt.hessian_error(weight, q_plain, scale_plain, hessian)
-    assert used and gptq_error < 0.8 * plain_error, (gptq_error, plain_error)
-
-
-def test_gptq_undoes_its_column_order():
-    weight, hessian = correlated_layer(1)
-    q, scale, _ = train_gpt.gptq_quantize(weight, hessian)
-    error = (train_gpt.dequantize_rows(q, scale) - weight).abs()
-    assert float(error.max()) < 4 * float(scale.float().max())  # column by column, close to W
+    for fine in (False, True):
+        gptq = trainer.gptq_quantize(weight, hessian, block_size=16, fine=fine)[:2]
+        plain = trainer.quantize_rows_int6(weight, floor=not fine)
+        assert trainer.hessian_error(weight, *gptq, hessian) < 0.8 * trainer.hessian_error(weight, *plain, hessian)
 
 
 @pytest.mark.parametrize("hessian", [-torch.eye(32), torch.full((32, 32), float("nan"))], ids=["negative", "nan"])
 def test_cholesky_failure_falls_back_to_rounding(hessian):
     weight = torch.randn(16, 32)
-    q, scale, used = train_gpt.gptq_quantize(weight, hessian)
-    plain_q, plain_scale = train_gpt.quantize_rows_int6(weight)
+    q, scale, used = trainer.gptq_quantize(weight, hessian)
+    plain_q, plain_scale = trainer.quantize_rows_int6(weight)
     assert not used and torch.equal(q, plain_q) and torch.equal(scale, plain_scale)
 
 
@@ -80,19 +124,18 @@ def sample_tensors():
 
 
 def test_artifact_round_trip(tmp_path):
-    tensors, meta = sample_tensors(), {"schemes": {"a": "int6"}, "model": {"NUM_LAYERS": 2}}
-    written = train_gpt.write_artifact(tmp_path / "m.ptz", tensors, meta)
-    assert written == (tmp_path / "m.ptz").stat().st_size
-    loaded, loaded_meta = train_gpt.read_artifact(tmp_path / "m.ptz")
+    tensors, meta = sample_tensors(), {"schemes": {"a": "int6"}, "model": {"num_layers": 2}}
+    blob = trainer.encode_artifact(tensors, meta)
+    loaded, loaded_meta = trainer.decode_artifact(blob, "m.ptz")
     assert loaded_meta == meta and loaded.keys() == tensors.keys()
     assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors)
 
 
 def damaged_blobs():
-    blob = train_gpt.encode_artifact(sample_tensors(), {"x": 1})
+    blob = trainer.encode_artifact(sample_tensors(), {"x": 1})
     middle = len(blob) // 2
     yield "flipped", blob[:middle] + bytes([blob[middle] ^ 0xFF]) + blob[middle + 1:]
-    for cut in (len(train_gpt.ARTIFACT_MAGIC), middle, len(blob) - 1):
+    for cut in (len(trainer.ARTIFACT_MAGIC), middle, len(blob) - 1):
         yield f"truncated{cut}", blob[:cut]
     yield "pickle", pickle.dumps({"w": torch.zeros(3)})
     yield "random", bytes(range(256)) * 4
@@ -102,103 +145,110 @@ def damaged_blobs():
 def test_damaged_artifacts_give_a_clear_error(tmp_path, kind, blob):
     path = tmp_path / "final_model.int6.ptz"
     path.write_bytes(blob)
-    with pytest.raises(train_gpt.ArtifactError) as caught:
-        train_gpt.read_artifact(path)
+    with pytest.raises(trainer.ArtifactError) as caught:
+        trainer.read_artifact(path)
     assert str(path) in str(caught.value)
 
 
 def forged_blob(entries: list[dict], payload: bytes) -> bytes:
-    import json
-    import zlib
-
-    import brotli
-
     header = json.dumps({"tensors": entries, "meta": {}}).encode()
     stream = brotli.compress(len(header).to_bytes(4, "little") + header + payload)
-    return train_gpt.ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
+    return trainer.ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
 
 
 @pytest.mark.parametrize("entry, payload, message", [
     ({"shape": [1000], "offset": 0, "bytes": 2000}, b"\0" * 10, "outside the payload"),
     ({"shape": [-1], "offset": 0, "bytes": -2}, b"", "outside the payload"),
     ({"shape": [5], "offset": 0, "bytes": 10}, b"\0" * 12, "2 payload bytes belong to no tensor"),
-], ids=["past_the_end", "negative_shape", "trailing_bytes"])
+    ({"shape": [2], "offset": 0, "bytes": 4}, torch.tensor([1.0, float("nan")]).half().numpy().tobytes(), "NaN or infinite"),
+], ids=["past_the_end", "negative_shape", "trailing_bytes", "nan_weights"])
 def test_forged_headers_are_refused(entry, payload, message):
-    blob = forged_blob([{"name": "x", "dtype": "float16", **entry}], payload)
-    with pytest.raises(train_gpt.ArtifactError, match=message):
-        train_gpt.decode_artifact(blob, "forged.ptz")
-
-
-@pytest.mark.parametrize("row_scale", [0.0, 1e-7])
-def test_zero_and_tiny_rows_quantise_to_finite_values(row_scale):
-    weight = torch.randn(4, 64)
-    weight[1] *= row_scale
-    for q, scale in (train_gpt.quantize_rows_int6(weight), train_gpt.quantize_rows_int8(weight)):
-        restored = train_gpt.dequantize_rows(q, scale)
-        assert scale.float().min() > 0 and torch.isfinite(restored).all()
-        assert (restored[1] - weight[1]).abs().max() <= 1e-6
+    blob = forged_blob([{"name": "x", "dtype": "float16", **entry}], trainer.byte_shuffle(payload, 2))
+    with pytest.raises(trainer.ArtifactError, match=message):
+        trainer.decode_artifact(blob, "forged.ptz")
 
 
 def test_missing_artifact_is_named(tmp_path):
-    with pytest.raises(train_gpt.ArtifactError, match="nothing.ptz: cannot read artifact"):
-        train_gpt.read_artifact(tmp_path / "nothing.ptz")
+    with pytest.raises(trainer.ArtifactError, match="nothing.ptz: cannot read artifact"):
+        trainer.read_artifact(tmp_path / "nothing.ptz")
 
 
 def test_model_state_survives_unbank_and_rebank():
     hp = tiny_hp()
-    state = train_gpt.build_model(hp).state_dict()
-    rebuilt = train_gpt.rebank(train_gpt.unbank(state, hp.num_layers), hp.num_layers)
+    state = tiny_model(hp).state_dict()
+    rebuilt = trainer.rebank(trainer.unbank(state, hp.num_layers), hp.num_layers)
     assert rebuilt.keys() == state.keys() and all(torch.equal(rebuilt[k], state[k]) for k in state)
 
 
-def test_quantised_state_loads_into_a_fresh_model():
+def identity_hessians(hp):
+    return {f"blocks.{i}.{key}": torch.eye(n) for i in range(hp.num_layers)
+            for key, n in (("qkv", hp.model_dim), ("out", hp.model_dim), ("up", hp.model_dim), ("down", int(hp.mlp_mult * hp.model_dim)))}
+
+
+def test_block_matrices_go_through_gptq_and_small_tensors_stay_fp16():
     hp = tiny_hp()
-    model = train_gpt.build_model(hp)
-    runtime = train_gpt.Runtime()
-    hessians = {f"blocks.{i}.{key}": torch.eye(n) for i in range(hp.num_layers)
-                for key, n in (("qkv", 64), ("out", 64), ("up", 64), ("down", 128))}
-    tensors, schemes, gptq_count = train_gpt.quantize_state(hp, model.state_dict(), hessians, runtime)
-    assert gptq_count == 6 * hp.num_layers and schemes["smear.gate"] == "fp16"
+    tensors, schemes, gptq_count = trainer.quantize_state(hp, tiny_model(hp).state_dict(), identity_hessians(hp), trainer.Runtime())
+    assert gptq_count == 6 * hp.num_layers and {schemes[n] for n in trainer.bank_matrix_names(hp.num_layers)} == {"int6"}
+    assert schemes["smear.gate"] == schemes["bigram.proj.weight"] == "fp16"
     assert schemes["tok_emb.weight"] == "fp16"  # 1024 x 64 = 65,536 values: exactly the small-tensor limit
-    fresh = train_gpt.build_model(hp)
-    fresh.load_state_dict(train_gpt.dequantize_state(tensors, schemes, hp.num_layers))
+    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2")
+    _, schemes, _ = trainer.quantize_state(hp, tiny_model(hp).state_dict(), identity_hessians(hp), trainer.Runtime())
+    assert schemes["tok_emb.weight"] == "int8"  # 1024 x 128: one past the limit
+
+
+def test_quantised_model_loads_into_a_fresh_model_and_checks_its_config(tmp_path):
+    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5")
+    model = tiny_model(hp)
+    hessians = identity_hessians(hp)
+    with torch.no_grad():
+        model.mlp_down_bank.normal_(std=0.05)  # zero at init: give GPTQ something to round
+    tensors, schemes, _ = trainer.quantize_state(hp, model.state_dict(), hessians, trainer.Runtime())
+    path = tmp_path / "m.ptz"
+    trainer.write_atomic(path, trainer.encode_artifact(tensors, {"schemes": schemes, "model": model.config.function_fields()}))
+    fresh = trainer.load_quantized_model(model.config, path, trainer.Runtime())
     for name, original in model.state_dict().items():
         assert torch.allclose(fresh.state_dict()[name], original, atol=0.02), name
+    other = trainer.ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+                                                       NEGATIVE_SLOPE="0.3"))
+    with pytest.raises(trainer.ArtifactError, match="m.ptz: made with a model whose negative_slope is 0.5, but these settings give 0.3"):
+        trainer.load_quantized_model(other, path, trainer.Runtime())
+    reseeded = trainer.ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+                                                          QK_GAIN_INIT="1.5"))
+    trainer.load_quantized_model(reseeded, path, trainer.Runtime())  # an init setting does not matter
 
 
-def test_packed_file_holds_the_stripped_source():
-    source = (ROOT / "src" / "train_gpt.py").read_text()
+def test_over_the_size_limit_is_exactly_one_byte_past_16mb():
+    fits = trainer.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_601, code_bytes=27_399)
+    over = trainer.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_602, code_bytes=27_399)
+    assert fits.total_bytes == 16_000_000 and not fits.over_limit and over.over_limit
+
+
+def test_shipped_file_is_the_packed_source_and_counts_its_own_bytes():
+    source = (ROOT / "src" / "trainer.py").read_text()
     shipped = (ROOT / "train_gpt.py").read_text()
-    assert shipped == pack.pack_source(source), "run python tools/pack.py"
-    assert shipped.count("\n") == 2 and len(shipped.encode()) <= 30_000
-    unpacked = pack.unpack_source(shipped)
-    assert ast.dump(ast.parse(unpacked)) == ast.dump(ast.parse(pack.strip_source(source)))
+    assert shipped == trainer.pack_source(source), "run python tools/pack.py"
+    assert shipped.count("\n") == 3 and len(shipped.encode()) <= 32_000
+    assert trainer.shipped_code_bytes() == len(shipped.encode())
+    unpacked = trainer.unpack_source(shipped)
+    assert ast.dump(ast.parse(unpacked)) == ast.dump(ast.parse(trainer.strip_source(source)))
     assert '"""' not in unpacked and "# " not in unpacked.replace("'# '", "")
 
 
-def test_strip_source_keeps_the_code_and_drops_docs():
-    source = '"""doc"""\nfrom __future__ import annotations\ndef f(x):\n    """doc"""\n    return x  # note\nclass C:\n    """only a doc"""\n'
-    stripped = pack.strip_source(source)
+def test_strip_source_keeps_the_code_and_drops_docs_and_annotations():
+    source = ('"""doc"""\nfrom __future__ import annotations\nSOURCE_SHA256 = ""\ndef f(x: int) -> int:\n'
+              '    """doc"""\n    return x  # note\nclass C:\n    """only a doc"""\n')
+    stripped = trainer.strip_source(source)
     namespace: dict = {}
     exec(stripped, namespace)
-    assert namespace["f"](3) == 3 and "doc" not in stripped and "note" not in stripped
+    assert namespace["f"](3) == 3 and "doc" not in stripped and "note" not in stripped and "int" not in stripped
+    assert namespace["SOURCE_SHA256"] == trainer.hashlib.sha256(source.encode()).hexdigest()
 
 
-def test_pack_check_detects_a_stale_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(pack, "SHIPPED", tmp_path / "train_gpt.py")
-    (tmp_path / "train_gpt.py").write_text("stale")
-    for argv, status in ((["--check"], 1), ([], 0), (["--check"], 0)):
-        monkeypatch.setattr(sys, "argv", ["pack.py", *argv])
-        assert pack.main() == status
-    repository_check = subprocess.run([sys.executable, str(ROOT / "tools" / "pack.py"), "--check"], capture_output=True, text=True)
-    assert repository_check.returncode == 0, repository_check.stderr
-
-
-def test_over_the_size_limit_is_impossible_to_miss(capsys):
-    runtime = train_gpt.Runtime()
-    fits = train_gpt.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_601, code_bytes=27_399)
-    over = train_gpt.ArtifactReport(path=ROOT / "x.ptz", model_bytes=15_972_602, code_bytes=27_399)
-    assert fits.total_bytes == 16_000_000 and train_gpt.report_size_verdict(fits, runtime) == 0
-    assert capsys.readouterr().out == ""
-    assert train_gpt.report_size_verdict(over, runtime) == 1
-    assert "SIZE LIMIT EXCEEDED: total 16000001 bytes (limit 16000000); exit status 1" in capsys.readouterr().out
+def test_a_traceback_from_a_packed_file_shows_source_lines_not_the_blob(tmp_path):
+    source = "def inner(x):\n    return 1 / x\n\ndef outer():\n    return inner(0)\n\nouter()\n"
+    script = tmp_path / "packed.py"
+    script.write_text(trainer.pack_source(source))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 1 and "ZeroDivisionError" in result.stderr
+    assert "return 1 / x" in result.stderr and "packed.py (unpacked)\", line 2, in inner" in result.stderr
+    assert len(result.stderr) < 1500 and "b85decode(\"" not in result.stderr

@@ -1,120 +1,199 @@
-"""TRAINING LOOP and MAIN: learning on real tokens, 2 ranks = 1 rank x 2 micro-steps, clear failures."""
+"""TRAINING LOOP: schedules, EMA, late QAT, warm-up, the wall-clock cap, compilation."""
 
 from __future__ import annotations
-
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import train_gpt
-from conftest import ROOT, TOKENIZER, tiny_hp
-
-# A complete run of the pipeline that takes a few seconds on a CPU.
-QUICK_RUN = {"SMOKE": "1", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
-             "BANK_SPLIT": "1", "VE_LAYERS": "1", "XSA_LAST_N": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
-             "EVAL_STRIDE": "32", "TRAIN_BATCH_TOKENS": "1024", "WARMUP_STEPS": "1", "VAL_LOSS_EVERY": "0",
-             "TRAIN_LOG_EVERY": "1", "GPTQ_CALIB_SAMPLES": "1", "TTT_ENABLED": "0", "SLOT_STEPS": "1",
-             "EVAL_BATCH_SEQS": "64", "VAL_BATCH_SIZE": "65536", "MAX_WALLCLOCK_SECONDS": "0",
-             "TOKENIZER_PATH": str(TOKENIZER)}
+import trainer
+from conftest import tiny_hp, tiny_model
 
 
-def run_trainer(tmp_path: Path, settings: dict[str, str], processes: int = 1, script: Path = ROOT / "src" / "train_gpt.py"):
-    """Run the trainer in tmp_path; settings must name DATA_PATH (the shared smoke corpus)."""
-    environ = {**os.environ, **QUICK_RUN, **settings, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(script)]
-    if processes > 1:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", str(script)]
-    return subprocess.run(command, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=600)
+def test_wallclock_warmdown_ends_at_the_cap():
+    hp = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "100"})
+    # 10 ms per step: warmdown lasts 1000 ms and ends at the 5000 ms cap
+    assert trainer.lr_multiplier(hp, 100, 1000.0, 5000.0) == 1.0
+    assert trainer.lr_multiplier(hp, 400, 4000.0, 5000.0) == 1.0
+    assert trainer.lr_multiplier(hp, 450, 4500.0, 5000.0) == pytest.approx(0.5)
+    assert trainer.lr_multiplier(hp, 500, 5000.0, 5000.0) == 0.0
+    # 20 ms per step: the warmdown starts earlier (at 3000 ms)
+    assert trainer.lr_multiplier(hp, 150, 3000.0, 5000.0) == pytest.approx(1.0)
+    assert trainer.lr_multiplier(hp, 200, 4000.0, 5000.0) == pytest.approx(0.5)
 
 
-def train_losses(output: str) -> list[float]:
-    return [float(x) for x in re.findall(r"^step:\d+/\d+ train_loss:([\d.]+)", output, re.MULTILINE)]
+def test_step_schedule_without_a_cap():
+    hp = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "1000"})
+    assert [trainer.lr_multiplier(hp, s, 0.0, None) for s in (0, 900, 950, 999, 1000)] == [1.0, 1.0, 0.5, 0.01, 0.0]
+    assert trainer.lr_multiplier(trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "0"}), 19999, 0.0, None) == 1.0
 
 
-def test_loss_falls_on_real_tokens(smoke_corpus):
-    hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="2048", MATRIX_LR_EARLY="0.03")
-    torch.manual_seed(0)
-    model = train_gpt.build_model(hp)
-    runtime = train_gpt.Runtime()
-    optimizers = train_gpt.build_optimizers(hp, model, runtime.device)
-    sampler = train_gpt.make_sampler(hp, runtime, accum_steps=1)
-    losses = []
-    for step in range(50):
-        optimizers.set_schedule(1.0, train_gpt.muon_momentum_at(hp, step))
-        losses.append(float(train_gpt.train_step(model, optimizers, sampler.next_step(runtime.device), hp, runtime)))
-    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-    assert first > 6.0 and last < first - 1.0, (first, last)
+def test_momentum_warms_up_linearly():
+    hp = trainer.Hyperparameters.from_env({})
+    assert trainer.muon_momentum_at(hp, 0) == 0.92
+    assert trainer.muon_momentum_at(hp, 750) == pytest.approx(0.955)
+    assert trainer.muon_momentum_at(hp, 1500) == trainer.muon_momentum_at(hp, 5000) == 0.99
 
 
-def test_two_processes_match_one_process_with_accumulation(tmp_path, smoke_corpus):
-    """The sharded optimiser is the same math: 2 gloo ranks vs 1 rank with 2 micro-steps."""
-    settings = {"ITERATIONS": "6", "DATA_PATH": str(smoke_corpus), "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
-    for name in ("one", "two"):
-        (tmp_path / name).mkdir()
-    one = run_trainer(tmp_path / "one", {**settings, "GRAD_ACCUM_STEPS": "2"})
-    two = run_trainer(tmp_path / "two", {**settings, "GRAD_ACCUM_STEPS": "1"}, processes=2)
-    assert one.returncode == 0, one.stderr[-3000:]
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "world_size:2 grad_accum_steps:1" in two.stdout and "world_size:1 grad_accum_steps:2" in one.stdout
-    single, double = train_losses(one.stdout), train_losses(two.stdout)
-    assert len(single) == len(double) == 6
-    # Losses are logged to 4 decimals; the runs agree to the last printed digit (observed:
-    # identical over 12 steps). Float32 summation order differs between the two, so allow
-    # one unit in the last place; a wrong sharding or averaging differs by far more.
-    assert single == pytest.approx(double, abs=1e-4), (single, double)
-    # TTT batches group the sequences differently on 2 ranks, so its score differs a little,
-    # but it must run to the end with the ranks in step
-    ttt = [float(re.search(r"^legal_ttt_exact val_loss:\S+ val_bpb:(\S+)", out, re.MULTILINE)[1]) for out in (one.stdout, two.stdout)]
-    assert ttt[0] == pytest.approx(ttt[1], rel=0.01)
+def test_ema_follows_its_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = trainer.ExponentialMovingAverage(model, 0.9)
+    expected = [p.detach().double().clone() for p in model.parameters()]
+    for _ in range(3):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update()
+        expected = [0.9 * e + 0.1 * p.detach().double() for e, p in zip(expected, model.parameters())]
+    ema.copy_to_model()
+    assert all(torch.allclose(p.double(), e, atol=1e-6) for p, e in zip(model.parameters(), expected))
 
 
-def test_non_finite_loss_stops_with_a_clear_line(tmp_path, smoke_corpus):
-    result = run_trainer(tmp_path, {"ITERATIONS": "30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30",
-                                    "GRAD_CLIP_NORM": "0", "DATA_PATH": str(smoke_corpus)})
-    assert result.returncode == 2
-    assert re.search(r"^error: training loss is not finite at step \d+", result.stderr, re.MULTILINE), result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+def test_late_qat_switches_on_below_the_threshold_and_ramps_its_sharpness():
+    hp = tiny_hp(LATE_QAT_THRESHOLD="0.15", LATE_QAT_MIN_STEP="100")
+    model = tiny_model(hp)
+    qat = trainer.LateQAT(hp, model, trainer.Runtime())
+    qat.after_step(50, 0.1)  # below the threshold, but before the earliest step
+    qat.after_step(120, 0.2)  # late enough, but above the threshold
+    assert qat.start_step is None and all(layer.qat_sharpness is None for layer in model.qat_layers())
+    qat.after_step(121, 0.14)
+    assert qat.start_step == 121 and all(layer.qat_sharpness is qat.sharpness for layer in model.qat_layers())
+    sharpness = {}
+    for steps_done, lr_mul in ((122, 0.13), (371, 0.05), (621, 0.0), (900, 0.0)):
+        qat.after_step(steps_done, lr_mul)
+        sharpness[steps_done] = float(qat.sharpness)
+    assert sharpness == pytest.approx({122: 1 + 15 / 500, 371: 8.5, 621: 16.0, 900: 16.0})
+    qat.switch_off()
+    assert all(layer.qat_sharpness is None for layer in model.qat_layers())
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"NUM_HEADS": "5"}, "error: NUM_HEADS=5 is not allowed: must divide MODEL_DIM=64"),
-    ({"TRAIN_SEQ_LEN": "x"}, "error: TRAIN_SEQ_LEN='x' is not allowed: expected an integer"),
-    ({"TOKENIZER_PATH": "missing.model"}, "error: TOKENIZER_PATH='missing.model' is not allowed: no such file"),
-])
-def test_bad_settings_stop_at_start_with_one_line(tmp_path, smoke_corpus, settings, message):
-    result = run_trainer(tmp_path, {**settings, "DATA_PATH": str(smoke_corpus)})
-    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == message
-    assert "Traceback" not in result.stderr
+def test_warm_up_leaves_weights_optimiser_state_and_data_order_as_before(smoke_corpus):
+    hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="3")
+    model, runtime = tiny_model(hp), trainer.Runtime()
+    optimizers = trainer.build_optimizers(hp, model, runtime)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    first_batches = trainer.make_sampler(hp, runtime).next_step(runtime)
+    qat = trainer.LateQAT(hp, model, runtime)
+    trainer.warm_up_and_reset(hp, model, model, optimizers, qat, runtime)
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
+    assert all(optimizer.state_dict()["state"] == {} for optimizer in optimizers.all())
+    assert all(layer.qat_sharpness is None for layer in model.qat_layers())
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first_batches, trainer.make_sampler(hp, runtime).next_step(runtime)))
 
 
-def final_lines(output: str) -> list[str]:
-    """The run's result lines without the timings, which differ from run to run."""
-    lines = [line for line in output.splitlines() if line.startswith(("final_", "legal_ttt", "Serialized", "step:"))]
-    return [re.sub(r"(eval_time|train_time|step_avg|eval_total_time):[\d.]+ms", "", line) for line in lines]
+class FakeClock:
+    """Seconds that pass only when the test says so: each training step takes 1 s."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
-def test_shipped_file_behaves_like_the_source(tmp_path, smoke_corpus):
-    settings = {"ITERATIONS": "3", "DATA_PATH": str(smoke_corpus), "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
-    for name in ("source", "shipped"):
-        (tmp_path / name).mkdir()
-    source = run_trainer(tmp_path / "source", settings)
-    shipped = run_trainer(tmp_path / "shipped", settings, script=ROOT / "train_gpt.py")
-    assert source.returncode == 0 and shipped.returncode == 0, shipped.stderr[-2000:]
-    assert final_lines(source.stdout) == final_lines(shipped.stdout) and len(final_lines(source.stdout)) > 8
-    code_bytes = len((ROOT / "train_gpt.py").read_bytes())
-    assert f"Code size: {code_bytes} bytes" in source.stdout and f"Code size: {code_bytes} bytes" in shipped.stdout
+@pytest.fixture
+def timed_run(smoke_corpus, tokenizer, monkeypatch):
+    """Train with a fake clock; returns what each step saw."""
+
+    def run(**settings):
+        hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
+                     GPTQ_RESERVE_MS="0", **settings)
+        model, runtime, clock, steps = tiny_model(hp), trainer.Runtime(), FakeClock(), []
+        real_step = trainer.train_step
+
+        def timed_step(train_model, optimizers, batches, hp, runtime):
+            loss = real_step(train_model, optimizers, batches, hp, runtime)
+            steps.append({"lr": optimizers.muon.param_groups[0]["lr"], "momentum": optimizers.muon.param_groups[0]["momentum"],
+                          "qat": model.bigram.proj.qat_sharpness is not None, "inputs": batches[0][0].clone(),
+                          "weights": [p.detach().double().clone() for p in model.parameters()]})
+            clock.now += 1.0
+            return loss
+
+        monkeypatch.setattr(trainer, "train_step", timed_step)
+        data = trainer.EvalData(trainer.load_validation_tokens(hp.val_files, 64, 1024, runtime)[:2049],
+                                trainer.build_token_bytes(tokenizer, 1024, runtime.device))
+        initial = [p.detach().double().clone() for p in model.parameters()]
+        log: list[str] = []
+        monkeypatch.setattr(trainer.Runtime, "log", lambda self, message, console=True: log.append(message))
+        trainer.train(hp, model, data, runtime, clock=clock)
+        return hp, model, steps[hp.warmup_steps:], initial, log
+
+    return run
 
 
-def test_benchmark_runs_and_prints_one_table():
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "bench.py"), "--tiny", "--steps", "2", "--warmup", "1",
-                             "--eval-windows", "16"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert result.returncode == 0, result.stderr[-2000:]
-    header, row = result.stdout.strip().splitlines()[-2:]
-    assert "ms/step" in header and "+SLOT ms/window" in header
-    assert all(float(cell.replace(",", "").rstrip("%")) > 0 for cell in row.strip("| ").split("|")[:2])
+def test_the_wallclock_cap_shapes_the_schedule_and_stops_training(timed_run):
+    hp, _, steps, _, log = timed_run(MAX_WALLCLOCK_SECONDS="10", WARMDOWN_ITERS="4", ITERATIONS="100", WARMUP_STEPS="0",
+                                     MUON_MOMENTUM_WARMUP_STEPS="4")
+    assert len(steps) == 10  # 1 s per step, a 10 s cap
+    assert [s["lr"] / hp.matrix_lr for s in steps] == pytest.approx([1] * 7 + [0.75, 0.5, 0.25])
+    assert [s["momentum"] for s in steps[:5]] == pytest.approx([0.92, 0.937, 0.955, 0.972, 0.99], abs=1e-3)
+    assert "stopping_early: wallclock_cap train_time:10000ms step:10/100" in log
+
+
+def test_the_safety_cap_stops_without_shaping_the_schedule(timed_run):
+    hp, _, steps, _, log = timed_run(SAFETY_CAP_SECONDS="6", WARMDOWN_ITERS="4", ITERATIONS="8", WARMUP_STEPS="0")
+    assert [s["lr"] / hp.matrix_lr for s in steps] == pytest.approx([1, 1, 1, 1, 1, 0.75])  # the step schedule
+    assert "stopping_early: safety_cap train_time:6000ms step:6/8" in log and any("SAFETY_CAP_SECONDS" in m for m in log)
+
+
+def test_step_bounded_training_ignores_the_clock(timed_run):
+    _, _, steps, _, log = timed_run(ITERATIONS="5", WARMUP_STEPS="0")
+    assert len(steps) == 5 and not any(m.startswith("stopping_early") for m in log)
+
+
+def test_the_exported_weights_are_the_ema_of_the_steps(timed_run):
+    hp, model, steps, initial, _ = timed_run(ITERATIONS="4", WARMUP_STEPS="2", EMA_DECAY="0.7")
+    expected = initial
+    for step in steps:
+        expected = [0.7 * e + 0.3 * w for e, w in zip(expected, step["weights"])]
+    assert all(torch.allclose(p.double(), e, atol=1e-6) for p, e in zip(model.parameters(), expected))
+    assert not all(torch.allclose(p.double(), w, atol=1e-6) for p, w in zip(model.parameters(), steps[-1]["weights"]))
+
+
+def test_timed_steps_see_the_data_from_its_start_after_warm_up(timed_run, smoke_corpus):
+    hp, _, steps, _, _ = timed_run(ITERATIONS="3", WARMUP_STEPS="2")
+    fresh = trainer.make_sampler(hp, trainer.Runtime())
+    assert all(torch.equal(step["inputs"], fresh.next_step(trainer.Runtime())[0][0]) for step in steps)
+
+
+def test_late_qat_starts_the_step_after_the_lr_falls_below_the_threshold(timed_run):
+    _, _, steps, _, log = timed_run(ITERATIONS="8", WARMDOWN_ITERS="4", WARMUP_STEPS="0", LATE_QAT_THRESHOLD="0.6",
+                                    LATE_QAT_MIN_STEP="0")
+    # step index 6 runs at 0.5 (< 0.6); the reference switches QAT on for the following step
+    assert [s["qat"] for s in steps] == [False] * 7 + [True]
+    assert "late_qat:enabled step:7 scale:0.5000" in log
+
+
+def test_a_non_finite_loss_stops_with_its_step(timed_run):
+    with pytest.raises(trainer.RunFailure, match=r"training loss is not finite at step \d+"):
+        timed_run(ITERATIONS="30", WARMUP_STEPS="0", TIED_EMBED_LR="1e30", SCALAR_LR="1e30", GRAD_CLIP_NORM="0")
+
+
+def test_every_timed_path_compiles_once_and_matches_eager(smoke_corpus, tokenizer):
+    """Training (with and without late QAT), validation and sliding evaluation with SLOT,
+    including its short last batch, each compile one graph, all before the timed steps
+    that use them run again; the compiled run's losses are the eager run's."""
+    import torch._dynamo
+
+    hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", ITERATIONS="6", WARMUP_STEPS="2",
+                 WARMDOWN_ITERS="6", VAL_LOSS_EVERY="3", LATE_QAT_THRESHOLD="0.6", LATE_QAT_MIN_STEP="0",
+                 MAX_WALLCLOCK_SECONDS="0", EVAL_BATCH_SEQS="8", SLOT_STEPS="2", TRAIN_LOG_EVERY="1", VAL_BATCH_SIZE="640")
+    losses = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        runtime = trainer.Runtime(compile_enabled=compiled, compile_backend="eager")
+        data = trainer.EvalData(trainer.load_validation_tokens(hp.val_files, 64, 1024, runtime)[:1000],
+                                trainer.build_token_bytes(tokenizer, 1024, runtime.device))
+        log: list[str] = []
+        runtime.log = lambda message, console=True: log.append(message)
+        model = tiny_model(hp)
+        trainer.train(hp, model, data, runtime)
+        after_training = dict(torch._dynamo.utils.counters["stats"])
+        for _ in range(2):
+            trainer.evaluate_sliding(model, data, hp, runtime, slot=True)  # 60 windows: the last batch is short
+        losses[compiled] = [float(m.split("train_loss:")[1].split()[0]) for m in log if "train_loss:" in m]
+        if compiled:
+            assert after_training["unique_graphs"] == 3  # train, train with QAT, validation
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 5  # + hidden states, SLOT objective
+            assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
+    assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], abs=2e-4)

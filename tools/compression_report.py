@@ -2,9 +2,10 @@
 
     python tools/compression_report.py final_model.int6.ptz
 
-Decodes the artifact and re-encodes its tensors with and without byte-shuffling and with
-several brotli settings (and LZMA for comparison), printing one line per setting. The
-artifact format itself is fixed in src/train_gpt.py; this tool measures the choice.
+Decodes the artifact and compresses its payload, byte-shuffled as the trainer writes it
+and unshuffled, with several brotli settings (and LZMA for comparison), one line per
+setting. The artifact format itself is fixed in src/trainer.py; this tool measures the
+choice.
 """
 
 from __future__ import annotations
@@ -17,39 +18,32 @@ from pathlib import Path
 
 import brotli
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+import repo  # noqa: F401  (puts src/ on the path)
+import trainer
 
-import train_gpt  # noqa: E402
-
-
-def payload(tensors: dict, shuffle: bool) -> bytes:
-    chunks = []
-    for tensor in tensors.values():
-        raw = tensor.contiguous().numpy().tobytes()
-        chunks.append(train_gpt.byte_shuffle(raw, tensor.element_size()) if shuffle else raw)
-    return b"".join(chunks)
+SETTINGS = [("brotli q11 (the trainer's)", lambda data: brotli.compress(data, quality=11)),
+            ("brotli q11 lgwin=24", lambda data: brotli.compress(data, quality=11, lgwin=24)),
+            ("brotli q11 lgwin=24 lgblock=24", lambda data: brotli.compress(data, quality=11, lgwin=24, lgblock=24)),
+            ("lzma preset 9e", lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))]
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artifact", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
-        tensors, _ = train_gpt.read_artifact(args.artifact)
-    except train_gpt.ArtifactError as error:
+        tensors, _ = trainer.read_artifact(args.artifact)
+    except trainer.ArtifactError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{args.artifact}: {args.artifact.stat().st_size} bytes as written; raw tensors {len(payload(tensors, False))} bytes")
-    settings = [("brotli q11 (default window)", lambda data: brotli.compress(data, quality=11)),
-                ("brotli q11 lgwin=24", lambda data: brotli.compress(data, quality=11, lgwin=24)),
-                ("brotli q11 lgwin=24 mode=generic lgblock=24", lambda data: brotli.compress(data, quality=11, lgwin=24, lgblock=24)),
-                ("lzma preset 9e", lambda data: lzma.compress(data, preset=9 | lzma.PRESET_EXTREME))]
-    print(f"{'setting':<45} {'shuffled':>10} {'unshuffled':>11} {'seconds':>8}")
-    for name, compress in settings:
+    shuffled, unshuffled = (trainer.artifact_payload(tensors, shuffle)[1] for shuffle in (True, False))
+    print(f"{args.artifact}: {args.artifact.stat().st_size} bytes as written; raw tensors {len(unshuffled)} bytes")
+    print(f"{'setting':<34} {'shuffled':>10} {'unshuffled':>11} {'seconds':>8}")
+    for name, compress in SETTINGS:
         started = time.perf_counter()
-        shuffled = len(compress(payload(tensors, True)))
+        size = len(compress(shuffled))
         seconds = time.perf_counter() - started
-        print(f"{name:<45} {shuffled:>10} {len(compress(payload(tensors, False))):>11} {seconds:>8.1f}")
+        print(f"{name:<34} {size:>10} {len(compress(unshuffled)):>11} {seconds:>8.1f}")
     return 0
 
 

@@ -5,10 +5,13 @@
     python tools/submission.py LOG ... --vs-logs RECORD_LOG ...  # the record's own logs
     python tools/submission.py LOG ... --plot losses.png        # needs matplotlib
 
-Reads logs in the reference format (this project's and the reference run's). The JSON
-goes to stdout (or --write PATH); the comparison, rule violations and truncation notes go
-to stderr, so stdout stays valid JSON. Exit status: 0, or 1 when a rule is broken or a
-log is truncated, 2 for unusable input.
+Reads logs in the reference format (this project's and the reference run's): one run per
+log, one log per seed. The score that counts is the one a log's `final_score` line names;
+logs without that line (the reference run's) count --score (default: sliding). The JSON
+goes to stdout (or --write PATH); its "run" key says how the logs were made (hardware,
+versions, data, caps). The comparison, rule violations, non-finite values and truncation
+notes go to stderr, so stdout stays valid JSON. Exit status: 0, or 1 when a rule is
+broken, a loss or score is not finite or a log is truncated, 2 for unusable input.
 """
 
 from __future__ import annotations
@@ -24,36 +27,75 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SIZE_LIMIT_BYTES = 16_000_000
+import repo  # noqa: F401  (puts src/ on the path)
+from trainer import SIZE_LIMIT_BYTES, WriteError, write_atomic
+
 TIME_LIMIT_MS = 600_000
 RECORD_MARGIN_NATS = 0.005
 SIGNIFICANCE = 0.01
 SCORE_LINES = {"sliding": "final_int6_sliding_window_exact", "ttt": "legal_ttt_exact",
                "roundtrip": "final_int6_roundtrip_exact"}
+DEFAULT_SCORE = "sliding"
 
 NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
-STEP_TRAIN = re.compile(rf"^step:(\d+)/\d+ train_loss:{NUMBER} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
-STEP_VAL = re.compile(rf"^step:(\d+)/\d+ val_loss:{NUMBER} val_bpb:{NUMBER} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
-EXACT = re.compile(rf"^(\w+)_exact val_loss:{NUMBER} val_bpb:{NUMBER}")
+# losses and scores: a diverged run logs nan or inf, which must be read and reported, not skipped
+VALUE = r"([-+]?(?:[\d.]+(?:[eE][-+]?\d+)?|(?i:nan|inf(?:inity)?)))"
+STEP = re.compile(r"^step:(\d+)/")
+STEP_TRAIN = re.compile(rf"^step:(\d+)/\d+ train_loss:{VALUE} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
+STEP_VAL = re.compile(rf"^step:(\d+)/\d+ val_loss:{VALUE} val_bpb:{VALUE} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
+EXACT = re.compile(rf"^(\w+)_exact val_loss:{VALUE} val_bpb:{VALUE}")
+FINAL_SCORE = re.compile(rf"^final_score (\w+) val_bpb:{VALUE} slot:(\S+) legal:(.+?) eval_total_time:{NUMBER}ms$")
 EVAL_TIME = re.compile(rf"^(\w+) .*eval_time:{NUMBER}ms")
 STOPPED = re.compile(rf"^stopping_early: wallclock_cap train_time:{NUMBER}ms step:(\d+)/")
 TOTAL = re.compile(r"^Total submission size \S+: (\d+) bytes")
 MODEL = re.compile(r"^Serialized model \S+: (\d+) bytes")
 CODE = re.compile(r"^Code size: (\d+) bytes")
 
+# Lines saying how a run was made, and the "run" fields each fills (a group that did not
+# match, such as an optional field older trainers do not write, gives null).
+SETUP_LINES: list[tuple[re.Pattern[str], tuple[tuple[str, type], ...]]] = [
+    (re.compile(r"^hardware: (.+)$"), (("hardware", str),)),
+    (re.compile(r"^torch:(\S+) python:(\S+)"), (("torch", str), ("python", str))),
+    (re.compile(r"^(?:attention_backend:(\S+) )?attention_mode:(\S+) num_heads:(\d+) num_kv_heads:(\d+)"),
+     (("attention_backend", str), ("attention_mode", str), ("num_heads", int), ("num_kv_heads", int))),
+    (re.compile(r"^train_loader:dataset:(\S+) train_shards:(\d+)(?: tokens:(\d+))?"),
+     (("train_dataset", str), ("train_shards", int), ("train_tokens", int))),
+    (re.compile(r"^val_loader:shards pattern=(.+) tokens:(\d+)"), (("val_pattern", str), ("val_tokens", int))),
+    (re.compile(rf"^train_batch_tokens:(\d+) train_seq_len:(\d+) iterations:(\d+) warmup_steps:(\d+) "
+                rf"max_wallclock_seconds:{NUMBER}(?: safety_cap_seconds:{NUMBER})?"),
+     (("train_batch_tokens", int), ("train_seq_len", int), ("iterations", int), ("warmup_steps", int),
+      ("max_wallclock_seconds", float), ("safety_cap_seconds", float))),
+]
+# the SLOT mode comes from the final_score line
+RUN_FIELDS = [name for _, names in SETUP_LINES for name, _ in names] + ["slot"]
+
 
 class LogError(ValueError):
-    """A log that cannot be read; the message names the file."""
+    """A log (or an option) that cannot be used; the message names the file or option."""
+
+
+@dataclass
+class FinalScore:
+    """The trainer's `final_score` line: which `_exact` line counts, and whether it is legal."""
+    line: str
+    bpb: float
+    slot: str
+    legal: str  # "yes", or "no (why)"
+    eval_total_ms: float
+
+    @property
+    def is_legal(self) -> bool:
+        return self.legal.split()[0] == "yes"
 
 
 @dataclass
 class RunLog:
     path: Path
     seed: int | None = None
-    hardware: str | None = None
     train_points: list[tuple[int, float]] = field(default_factory=list)
     val_points: list[tuple[int, float, float]] = field(default_factory=list)  # step, loss, bpb
     scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # line name -> (loss, bpb)
+    final_score: FinalScore | None = None
     eval_times_ms: dict[str, float] = field(default_factory=dict)
     steps: int | None = None
     step_avg_ms: float | None = None
@@ -61,53 +103,170 @@ class RunLog:
     total_bytes: int | None = None
     model_bytes: int | None = None
     code_bytes: int | None = None
+    run: dict[str, object] = field(default_factory=dict)  # RUN_FIELDS that the log names
+    not_finite: list[str] = field(default_factory=list)  # e.g. "train_loss is nan at step 5"
+
+    @property
+    def hardware(self) -> str | None:
+        return self.run.get("hardware")
 
     @property
     def truncated(self) -> bool:
         return self.total_bytes is None or not self.scores
 
+    @property
+    def label(self) -> str:
+        return str(self.seed) if self.seed is not None else self.path.name
 
-def parse_log(path: Path) -> RunLog:
+
+def read_lines(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        return [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
     except OSError as error:
         raise LogError(f"{path}: cannot read log ({error.strerror})") from None
-    log = RunLog(path)
-    for raw in lines:
-        line = raw.strip()
-        if match := STEP_TRAIN.match(line):
-            step, loss, train_ms, avg = int(match[1]), float(match[2]), float(match[3]), float(match[4])
-            log.train_points.append((step, loss))
-            log.steps, log.train_time_ms, log.step_avg_ms = step, train_ms, avg
-        elif match := STEP_VAL.match(line):
+
+
+def refuse_more_than_one_run(path: Path, lines: list[str]) -> None:
+    """A run starts with its seed line: a second one, or a step counter that goes back,
+    means that two runs were appended to one file, and its figures would mix them."""
+    first_seed_line, last_step = None, None
+    for number, line in enumerate(lines, 1):
+        if line.startswith("seed:"):
+            if first_seed_line is not None:
+                raise LogError(f"{path}: holds more than one run (a second 'seed:' line at line {number}, the first "
+                               f"at line {first_seed_line}); give each run its own log")
+            first_seed_line = number
+        elif match := STEP.match(line):
             step = int(match[1])
-            log.val_points.append((step, float(match[2]), float(match[3])))
-            log.steps, log.train_time_ms, log.step_avg_ms = step, float(match[4]), float(match[5])
-        elif match := STOPPED.match(line):
-            log.train_time_ms, log.steps = float(match[1]), int(match[2])
-        elif match := EXACT.match(line):
-            log.scores[match[1] + "_exact"] = (float(match[2]), float(match[3]))
-        elif line.startswith("seed:"):
-            log.seed = int(line.split(":", 1)[1])
-        elif line.startswith("hardware:"):
-            log.hardware = line.split(":", 1)[1].strip()
-        elif match := TOTAL.match(line):
-            log.total_bytes = int(match[1])
-        elif match := MODEL.match(line):
-            log.model_bytes = int(match[1])
-        elif match := CODE.match(line):
-            log.code_bytes = int(match[1])
-        if match := EVAL_TIME.match(line):
-            log.eval_times_ms[match[1]] = float(match[2])
+            if last_step is not None and step < last_step[0]:
+                raise LogError(f"{path}: holds more than one run (the step counter goes back from {last_step[0]} "
+                               f"at line {last_step[1]} to {step} at line {number}); give each run its own log")
+            last_step = (step, number)
+
+
+def note_if_not_finite(log: RunLog, what: str, *values: float) -> None:
+    if not all(math.isfinite(value) for value in values):
+        log.not_finite.append(what)
+
+
+def read_setup_line(log: RunLog, line: str) -> None:
+    for pattern, names in SETUP_LINES:
+        if match := pattern.match(line):
+            for (name, kind), value in zip(names, match.groups()):
+                log.run[name] = None if value is None else kind(value)
+            return
+
+
+def read_line(log: RunLog, line: str) -> None:
+    if match := STEP_TRAIN.match(line):
+        step, loss = int(match[1]), float(match[2])
+        note_if_not_finite(log, f"train_loss is {match[2]} at step {step}", loss)
+        if math.isfinite(loss):  # a plot cannot draw inf
+            log.train_points.append((step, loss))
+        log.steps, log.train_time_ms, log.step_avg_ms = step, float(match[3]), float(match[4])
+    elif match := STEP_VAL.match(line):
+        step, loss, bpb = int(match[1]), float(match[2]), float(match[3])
+        note_if_not_finite(log, f"val_loss is {match[2]} at step {step}", loss, bpb)
+        if math.isfinite(loss):
+            log.val_points.append((step, loss, bpb))
+        log.steps, log.train_time_ms, log.step_avg_ms = step, float(match[4]), float(match[5])
+    elif match := STOPPED.match(line):
+        log.train_time_ms, log.steps = float(match[1]), int(match[2])
+    elif match := EXACT.match(line):
+        loss, bpb = float(match[2]), float(match[3])
+        note_if_not_finite(log, f"{match[1]}_exact is val_loss:{match[2]} val_bpb:{match[3]}", loss, bpb)
+        log.scores[match[1] + "_exact"] = (loss, bpb)
+    elif match := FINAL_SCORE.match(line):
+        log.final_score = FinalScore(match[1], float(match[2]), match[3], match[4], float(match[5]))
+        log.run["slot"] = match[3]
+        note_if_not_finite(log, f"final_score is val_bpb:{match[2]}", log.final_score.bpb)
+    elif line.startswith("final_score"):
+        raise ValueError("a final_score line in an unknown shape")
+    elif line.startswith("seed:"):
+        log.seed = int(line.split(":", 1)[1])
+    elif match := TOTAL.match(line):
+        log.total_bytes = int(match[1])
+    elif match := MODEL.match(line):
+        log.model_bytes = int(match[1])
+    elif match := CODE.match(line):
+        log.code_bytes = int(match[1])
+    else:
+        read_setup_line(log, line)
+    if match := EVAL_TIME.match(line):
+        log.eval_times_ms[match[1]] = float(match[2])
+
+
+def parse_log(path: Path) -> RunLog:
+    lines = read_lines(path)
+    refuse_more_than_one_run(path, lines)
+    log = RunLog(path)
+    for number, line in enumerate(lines, 1):
+        try:
+            read_line(log, line)
+        except ValueError as error:  # a number like '1.2.3', a seed that is not a number, ...
+            raise LogError(f"{path}: line {number} cannot be read ({error}): {line[:120]!r}") from None
     if log.seed is None and not log.train_points and not log.scores:
         raise LogError(f"{path}: no training-log lines found (expected lines like 'seed:1337' and 'step:...')")
+    if log.final_score is not None and log.final_score.line not in SCORE_LINES.values():
+        raise LogError(f"{path}: final_score names {log.final_score.line!r}, not one of {sorted(SCORE_LINES.values())}")
     return log
+
+
+def read_logs(paths: list[Path]) -> list[RunLog]:
+    """One log per seed: the same file twice, or two logs of one seed, would count a run twice."""
+    seen: dict[str, Path] = {}
+    for path in paths:
+        if (key := os.path.realpath(path)) in seen:
+            raise LogError(f"{path}: given twice (one log per seed)")
+        seen[key] = path
+    logs = [parse_log(path) for path in paths]
+    by_seed: dict[int, RunLog] = {}
+    for log in logs:
+        if log.seed is not None and (first := by_seed.setdefault(log.seed, log)) is not log:
+            raise LogError(f"{first.path} and {log.path} are both seed {log.seed} (one log per seed)")
+    return logs
+
+
+def counted_score_line(logs: list[RunLog], score: str | None) -> tuple[str, list[str]]:
+    """The `_exact` line that counts, and notes. The logs' final_score lines decide; --score
+    only chooses for logs without one (the reference run's)."""
+    named = {log.final_score.line: log for log in logs if log.final_score is not None}
+    if len(named) > 1:
+        listing = ", ".join(f"{log.path}: {line}" for line, log in named.items())
+        raise LogError(f"the logs' final_score lines count different scores ({listing}); give logs of one setting")
+    if not named:
+        return SCORE_LINES[score or DEFAULT_SCORE], []
+    line = next(iter(named))
+    if score is not None and SCORE_LINES[score] != line:
+        return line, [f"note: --score {score} ({SCORE_LINES[score]}) is ignored: the logs' final_score line "
+                      f"counts {line}"]
+    return line, []
 
 
 def code_bytes(log: RunLog) -> int | None:
     if log.total_bytes is not None and log.model_bytes is not None:
         return log.total_bytes - log.model_bytes
     return log.code_bytes
+
+
+def is_scored(log: RunLog, score_line: str) -> bool:
+    return score_line in log.scores and all(math.isfinite(value) for value in log.scores[score_line])
+
+
+def final_score_violations(log: RunLog) -> list[str]:
+    final = log.final_score
+    if final is None:
+        return []
+    problems = []
+    if not final.is_legal:
+        why = ("SLOT_MODE=shared fits one delta on a whole batch of windows, so a window's score has seen "
+               "later windows' tokens (it leaks future tokens)") if final.slot == "shared" else \
+              "the trainer marked the counted score as not a legal submission"
+        problems.append(f"final_score says legal:{final.legal}: {why}")
+    exact = log.scores.get(final.line)
+    if exact is not None and math.isfinite(final.bpb) and math.isfinite(exact[1]) and abs(exact[1] - final.bpb) > 5e-9:
+        problems.append(f"final_score val_bpb:{final.bpb:.8f} is not {final.line}'s val_bpb:{exact[1]:.8f}")
+    return problems
 
 
 def rule_violations(log: RunLog, score_line: str) -> list[str]:
@@ -121,7 +280,12 @@ def rule_violations(log: RunLog, score_line: str) -> list[str]:
         problems.append(f"artifact + code is {log.total_bytes} bytes, {log.total_bytes - SIZE_LIMIT_BYTES} over {SIZE_LIMIT_BYTES}")
     if score_line not in log.scores:
         problems.append(f"no final score ({score_line})")
-    return problems
+    return problems + final_score_violations(log)
+
+
+def not_finite_note(log: RunLog) -> str:
+    more = f" (and {len(log.not_finite) - 1} more)" if len(log.not_finite) > 1 else ""
+    return f"{log.path}: not finite: {log.not_finite[0]}{more}"
 
 
 def truncation_note(log: RunLog) -> str:
@@ -130,8 +294,51 @@ def truncation_note(log: RunLog) -> str:
     return f"{log.path}: truncated log (killed run?): reached step {log.steps}{last_val}; {size}; scores: {sorted(log.scores) or 'none'}"
 
 
+def log_problems(log: RunLog, score_line: str) -> list[str]:
+    """Every reason this log cannot stand in a submission, one line each, naming the file."""
+    problems = [truncation_note(log)] if log.truncated else []
+    problems += [not_finite_note(log)] if log.not_finite else []
+    return problems + [f"{log.path}: rule violation: {problem}" for problem in rule_violations(log, score_line)]
+
+
+def check_logs(paths: list[Path], score: str | None = None) -> list[str]:
+    """What main() reports against these logs (empty: they make a valid submission).
+    Raises LogError for unusable input. For tools that must check before they publish."""
+    logs = read_logs(paths)
+    score_line, _ = counted_score_line(logs, score)
+    return [problem for log in logs for problem in log_problems(log, score_line)]
+
+
+def run_fields_by_seed(logs: list[RunLog]) -> dict[str, dict[str, object]]:
+    """RUN_FIELDS -> {seed: value}; a field a log does not name is None."""
+    return {name: {log.label: log.run.get(name) for log in logs} for name in RUN_FIELDS}
+
+
+def fields_that_differ(by_seed: dict[str, dict[str, object]]) -> list[str]:
+    return [name for name, values in by_seed.items() if len(set(values.values())) > 1]
+
+
+def describe_runs(logs: list[RunLog], score_line: str) -> dict:
+    """How the logs were made. A field the seeds agree on holds its value; one they do not
+    agree on holds a value per seed, and is listed under differs_between_seeds."""
+    by_seed = run_fields_by_seed(logs)
+    differing = fields_that_differ(by_seed)
+    description: dict[str, object] = {"score_line": score_line}
+    for name, values in by_seed.items():
+        description[name] = values if name in differing else next(iter(values.values()), None)
+    description["differs_between_seeds"] = differing
+    return description
+
+
+def run_difference_notes(logs: list[RunLog]) -> list[str]:
+    by_seed = run_fields_by_seed(logs)
+    return [f"note: the seeds were not run alike: {name} differs ("
+            + ", ".join(f"seed {label}: {value}" for label, value in by_seed[name].items()) + ")"
+            for name in fields_that_differ(by_seed)]
+
+
 def build_submission(logs: list[RunLog], score_line: str, args: argparse.Namespace) -> dict:
-    scored = [log for log in logs if score_line in log.scores]
+    scored = [log for log in logs if is_scored(log, score_line)]
     results = {}
     for log in scored:
         loss, bpb = log.scores[score_line]
@@ -147,7 +354,7 @@ def build_submission(logs: list[RunLog], score_line: str, args: argparse.Namespa
             "val_bpb_std": round(statistics.stdev(values), 8) if len(values) > 1 else None,
             "seeds": [log.seed for log in scored], "seed_results": results,
             "bytes_total": max(sizes) if sizes else None, "code_bytes": max(codes) if codes else None,
-            "hardware": hardware}
+            "hardware": hardware, "run": describe_runs(logs, score_line)}
 
 
 def student_t_cdf(t: float, dof: float) -> float:
@@ -199,11 +406,14 @@ def one_sample_p_value(ours: list[float], target: float) -> tuple[float, float, 
 
 
 def compare(logs: list[RunLog], score_line: str, record_bpb: float | None, record_logs: list[RunLog]) -> list[str]:
-    scored = [log for log in logs if score_line in log.scores]
+    scored = [log for log in logs if is_scored(log, score_line)]
     our_nats = [log.scores[score_line][0] for log in scored]
     our_bpb = [log.scores[score_line][1] for log in scored]
+    theirs = [log.scores[score_line] for log in record_logs if is_scored(log, score_line)]
+    if not our_nats or (record_logs and not theirs):
+        side = "our logs have" if not our_nats else "the record's logs have"
+        return [f"comparison: skipped, {side} no finite {score_line} score"]
     if record_logs:
-        theirs = [log.scores[score_line] for log in record_logs if score_line in log.scores]
         their_nats, their_bpb = [n for n, _ in theirs], [b for _, b in theirs]
         record_bpb_mean, record_nats = statistics.fmean(their_bpb), statistics.fmean(their_nats)
     else:
@@ -214,6 +424,10 @@ def compare(logs: list[RunLog], score_line: str, record_bpb: float | None, recor
              f"{record_nats - statistics.fmean(our_nats):+.6f} nats (positive = better than the record)"]
     if len(our_nats) < 2 or (record_logs and len(their_nats) < 2):
         lines.append("significance: needs at least 2 seeds on each side with logs (1 is not enough for a t-test)")
+        return lines
+    # a t statistic divides by the spread: seeds that all score the same leave it undefined
+    if statistics.variance(our_nats) + (statistics.variance(their_nats) if record_logs else 0.0) == 0.0:
+        lines.append("significance: every seed scored exactly the same, so a t-test is undefined")
         return lines
     if record_logs:
         t, dof, p = welch_p_value(our_nats, their_nats, RECORD_MARGIN_NATS)
@@ -245,21 +459,33 @@ def plot_losses(logs: list[RunLog], path: Path) -> None:
     axis.set_ylabel("loss (nats/token)")
     axis.legend()
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary, dpi=120)
-    os.replace(temporary, path)
+    try:
+        figure.savefig(temporary, dpi=120)
+        os.replace(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise LogError(f"--plot {path}: cannot write ({error.strerror})") from None
+    finally:
+        plt.close(figure)
 
 
-def write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+def refuse_missing_output_folders(args: argparse.Namespace) -> None:
+    """Checked before anything is written, so a bad --plot does not leave a lone --write file behind."""
+    for option, path in (("--write", args.write), ("--plot", args.plot)):
+        if path is None:
+            continue
+        if path.is_dir():
+            raise LogError(f"{option} {path}: is a folder; give a file name")
+        if not path.parent.is_dir():
+            raise LogError(f"{option} {path}: the folder {path.parent} does not exist")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("logs", nargs="+", type=Path)
-    parser.add_argument("--score", choices=sorted(SCORE_LINES), default="sliding",
-                        help="which final line counts (default: the sliding-window exact BPB)")
+    parser.add_argument("--score", choices=sorted(SCORE_LINES),
+                        help="which final line counts in logs without a final_score line "
+                             f"(default: {DEFAULT_SCORE}, the sliding-window exact BPB)")
     parser.add_argument("--author", default="")
     parser.add_argument("--name", default="")
     parser.add_argument("--date", default=datetime.date.today().isoformat())
@@ -273,32 +499,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    score_line = SCORE_LINES[args.score]
     try:
-        logs = [parse_log(path) for path in args.logs]
-        record_logs = [parse_log(path) for path in args.vs_logs]
+        refuse_missing_output_folders(args)
+        logs, record_logs = read_logs(args.logs), read_logs(args.vs_logs)
+        score_line, notes = counted_score_line(logs, args.score)
+        text = json.dumps(build_submission(logs, score_line, args), indent=2) + "\n"
         if args.plot:
             plot_losses(logs, args.plot)
-    except LogError as error:
+        if args.write:
+            write_atomic(args.write, text.encode())
+    except (LogError, WriteError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    text = json.dumps(build_submission(logs, score_line, args), indent=2) + "\n"
-    if args.write:
-        write_atomic(args.write, text)
-    else:
+    if not args.write:
         sys.stdout.write(text)
-    failed = False
-    for log in logs:
-        if log.truncated:
-            print(truncation_note(log), file=sys.stderr)
-            failed = True
-        for problem in rule_violations(log, score_line):
-            print(f"{log.path}: rule violation: {problem}", file=sys.stderr)
-            failed = True
+    problems = [problem for log in logs for problem in log_problems(log, score_line)]
+    for line in notes + run_difference_notes(logs) + problems:
+        print(line, file=sys.stderr)
     if args.vs is not None or record_logs:
         for line in compare(logs, score_line, args.vs, record_logs):
             print(line, file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Build a proxy English corpus where FineWeb cannot be downloaded.
 
-    python data/build_proxy_corpus.py --install     # apt-get install the documentation first
-    python data/build_proxy_corpus.py               # packages already installed
+    python tools/build_proxy_corpus.py --install     # apt-get install the documentation first
+    python tools/build_proxy_corpus.py               # packages already installed
 
 Collects English prose from Debian documentation packages (the Debian Administrator's
 Handbook, the Python 3.11, Linux kernel and PostgreSQL manuals, the Debian Reference),
@@ -23,9 +23,8 @@ import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from export_text import DEFAULT_TOKENIZER, export_documents  # noqa: E402
+from export_text import DEFAULT_TOKENIZER, export_documents
+from repo import ROOT
 
 PACKAGES = {"debian-handbook": "/usr/share/doc/debian-handbook/html/en-US",
             "python3.11-doc": "/usr/share/doc/python3.11/html",
@@ -91,7 +90,7 @@ def collect_pages(roots: list[Path]) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--install", action="store_true", help="apt-get install the documentation packages first")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "datasets" / "proxy_sp1024")
+    parser.add_argument("--out", type=Path, default=ROOT / "data" / "datasets" / "proxy_sp1024")
     parser.add_argument("--val-docs", type=int, default=500)
     parser.add_argument("--min-mb", type=float, default=40.0)
     args = parser.parse_args()

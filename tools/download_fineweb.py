@@ -1,6 +1,6 @@
 """Download the challenge's FineWeb shards and tokenizer from Hugging Face.
 
-    python data/download_fineweb.py --variant sp1024 --train-shards 80
+    python tools/download_fineweb.py --variant sp1024 --train-shards 80
 
 Files land where the trainer's defaults look: ./data/datasets/fineweb10B_sp1024/ and
 ./data/tokenizers/. The dataset repo's manifest (datasets/manifest.json) says which
@@ -19,9 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from train_gpt import DataError, read_shard  # noqa: E402
+from repo import ROOT
+from trainer import DataError, read_shard
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -122,7 +121,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="sp1024")
     parser.add_argument("--train-shards", type=int, default=80)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
+    parser.add_argument("--out", type=Path, default=ROOT / "data")
     args = parser.parse_args()
     check_network()
     manifest_file = args.out / "manifest.json"

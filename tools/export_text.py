@@ -1,7 +1,7 @@
 """Export local text into token shards the trainer reads.
 
-    python data/export_text.py books/*.txt --out data/datasets/mytext_sp1024 --val-docs 500
-    python data/export_text.py corpus.jsonl --text-field text --out data/datasets/web_sp1024
+    python tools/export_text.py books/*.txt --out data/datasets/mytext_sp1024 --val-docs 500
+    python tools/export_text.py corpus.jsonl --text-field text --out data/datasets/web_sp1024
 
 Inputs: plain text files (each file is one document, or with --blank-line-docs each
 blank-line-separated paragraph is one) and JSONL files (one document per line, text in
@@ -23,11 +23,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from repo import ROOT
+from trainer import BOS_ID, write_atomic, write_shard
 
-from train_gpt import BOS_ID, write_atomic, write_shard  # noqa: E402
-
-DEFAULT_TOKENIZER = Path(__file__).resolve().parent / "tokenizers" / "fineweb_1024_bpe.model"
+DEFAULT_TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 
 
 class ShardWriter:

@@ -1,0 +1,195 @@
+"""tools/seed_runs.py: one training run per seed -> train_seed<N>.log and submission.json, or nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import seed_runs
+
+from conftest import QUICK_RUN, ROOT
+from test_submission import GOOD_LOG, TTT_LINES, final_score
+
+TOOL = ROOT / "tools" / "seed_runs.py"
+RECORD_NAMES = ["submission.json", "train_seed1.log", "train_seed2.log"]
+
+# A stand-in trainer for the refusals: a real log in a second, and a seam to break one seed.
+FAKE_TRAINER = """import os, sys
+from pathlib import Path
+seed = os.environ["SEED"]
+if seed == os.environ.get("FAKE_FAIL_SEED"):
+    sys.exit(3)
+train_ms = 600_500 if seed == os.environ.get("FAKE_SLOW_SEED") else 500_000
+Path("logs").mkdir(exist_ok=True)
+text = {template!r}.format(seed=seed, train_ms=train_ms)
+if seed == os.environ.get("FAKE_TTT_SEED"):
+    text += {ttt!r} + {ttt_score!r}
+else:
+    text += {sliding_score!r}
+text += f"artifact_path:{{os.environ['ARTIFACT_PATH']}} run_id:{{os.environ['RUN_ID']}} cwd:{{os.getcwd()}}\\n"
+Path("logs", os.environ["RUN_ID"] + ".txt").write_text(text)
+"""
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch) -> Path:
+    template = GOOD_LOG.format(seed="{seed}", train_ms="{train_ms}", model=15_700_000, total=15_720_000,
+                               eval_ms=165_000, loss=1.86, bpb=1.1015, hardware="1xCPU (2 cores)", caps="")
+    script = tmp_path / "trainer" / "fake_train.py"  # not among the record's files
+    script.parent.mkdir()
+    script.write_text(FAKE_TRAINER.format(template=template, ttt=TTT_LINES, ttt_score=final_score(),
+                                          sliding_score=final_score("final_int6_sliding_window_exact", "1.10150000")))
+    monkeypatch.setenv("DATA_PATH", "data")
+    monkeypatch.chdir(tmp_path)
+    return script
+
+
+def make_old_record(folder: Path) -> dict[str, str]:
+    contents = {name: f"an earlier record's {name}\n" for name in RECORD_NAMES}
+    for name, text in contents.items():
+        (folder / name).write_text(text)
+    return contents
+
+
+def record(folder: Path) -> dict[str, str]:
+    return {path.name: path.read_text() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def exact_figures(log: str) -> dict:
+    """A seed's figures read straight from its log, not through tools/submission.py."""
+    counted = re.search(r"^final_score (\w+) ", log, re.MULTILINE)[1]
+    loss, bpb = re.search(rf"^{counted} val_loss:(\S+) val_bpb:(\S+)$", log, re.MULTILINE).groups()
+    steps, avg = re.findall(r"^step:(\d+)/\d+ .* step_avg:([\d.]+)ms$", log, re.MULTILINE)[-1]
+    total = re.search(r"^Total submission size \S+: (\d+) bytes$", log, re.MULTILINE)[1]
+    return {"val_bpb": float(bpb), "val_loss": float(loss), "artifact_bytes": int(total), "steps": int(steps),
+            "step_avg_ms": float(avg)}
+
+
+def test_two_seeds_end_to_end_with_the_trainer(tmp_path, quick_corpus):
+    environ = {**os.environ, **QUICK_RUN, "DATA_PATH": str(quick_corpus), "ITERATIONS": "2", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, str(TOOL), "--seeds", "1", "2", "--out", str(tmp_path), "--script",
+                             str(ROOT / "src" / "trainer.py"), "--author", "me", "--name", "smoke"],
+                            cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "step:2/2 train_loss:" in result.stdout  # the trainer's output streams through
+    files = record(tmp_path)
+    assert sorted(files) == RECORD_NAMES
+    summary = json.loads(files["submission.json"])
+    assert summary["author"] == "me" and summary["name"] == "smoke" and summary["seeds"] == [1, 2]
+    for seed in (1, 2):
+        log = files[f"train_seed{seed}.log"]
+        assert f"\nseed:{seed}\n" in log
+        assert summary["seed_results"][str(seed)] == exact_figures(log)
+    assert summary["val_bpb"] == round((exact_figures(files["train_seed1.log"])["val_bpb"] +
+                                        exact_figures(files["train_seed2.log"])["val_bpb"]) / 2, 8)
+    assert re.fullmatch(r"1xCPU \(\d+ cores\)", summary["run"]["hardware"])
+    assert summary["run"]["differs_between_seeds"] == []
+
+
+def test_a_setting_that_fails_the_trainer_leaves_the_record_untouched(tmp_path, monkeypatch, capfd):
+    old = make_old_record(tmp_path)
+    # MODEL_DIM=64 does not split into 3 heads: the trainer refuses the setting before it reads data
+    for name, value in {**QUICK_RUN, "DATA_PATH": str(tmp_path / "unread"), "NUM_HEADS": "3"}.items():
+        monkeypatch.setenv(name, value)
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(ROOT / "src" / "trainer.py")])
+    err = capfd.readouterr().err
+    assert status == 1 and record(tmp_path) == old
+    assert last_line(err).startswith("seed_runs: seed 1: the trainer exited with status 2; "
+                                     "train_seed*.log and submission.json left as they were")
+    assert "seed 2" not in err  # it stopped at the first broken seed
+
+
+def test_a_later_seed_that_fails_publishes_nothing(tmp_path, fake_trainer, monkeypatch, capfd):
+    old = make_old_record(tmp_path)
+    monkeypatch.setenv("FAKE_FAIL_SEED", "2")
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
+    assert status == 1 and record(tmp_path) == old  # seed 1's good log is not published either
+    assert last_line(capfd.readouterr().err).startswith("seed_runs: seed 2: the trainer exited with status 3;")
+
+
+def test_a_rule_breaking_log_publishes_nothing(tmp_path, fake_trainer, monkeypatch, capfd):
+    old = make_old_record(tmp_path)
+    monkeypatch.setenv("FAKE_SLOW_SEED", "2")
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
+    err = last_line(capfd.readouterr().err)
+    assert status == 1 and record(tmp_path) == old
+    assert re.fullmatch(r"seed_runs: seed 2: \S+/logs/seed2-[\d-]+\.txt: rule violation: training took 600\.5 s "
+                        r"\(limit 600 s\); train_seed\*\.log and submission\.json left as they were \(.*\)", err), err
+
+
+def test_logs_that_count_different_scores_publish_nothing(tmp_path, fake_trainer, monkeypatch, capfd):
+    old = make_old_record(tmp_path)
+    monkeypatch.setenv("FAKE_TTT_SEED", "2")  # each log is fine on its own
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
+    err = last_line(capfd.readouterr().err)
+    assert status == 1 and record(tmp_path) == old
+    assert err.startswith("seed_runs: the logs' final_score lines count different scores (") and "seed2-" in err
+
+
+def test_each_run_gets_its_own_seed_run_id_and_artifact(tmp_path, fake_trainer, capfd):
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
+    assert status == 0, capfd.readouterr().err
+    files = record(tmp_path)
+    assert sorted(files) == RECORD_NAMES
+    (work,) = (tmp_path / ".seed_runs").iterdir()
+    for seed in (1, 2):
+        setup = re.search(r"^artifact_path:(\S+) run_id:(\S+) cwd:(\S+)$", files[f"train_seed{seed}.log"], re.MULTILINE)
+        assert setup[1] == str(work / f"seed{seed}.int6.ptz") and setup[3] == str(work)
+        assert setup[2].startswith(f"seed{seed}-") and (work / "logs" / f"{setup[2]}.txt").read_text() == files[f"train_seed{seed}.log"]
+    assert json.loads(files["submission.json"])["seeds"] == [1, 2]
+    assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+
+
+def test_relative_paths_are_made_absolute_for_the_work_folder(tmp_path):
+    env = seed_runs.run_environment({"DATA_PATH": "data/x", "TOKENIZER_PATH": "/abs/tok.model", "OTHER": "keep"},
+                                    tmp_path, 42, "seed42-now", tmp_path / "work")
+    assert env == {"DATA_PATH": str(tmp_path / "data" / "x"), "TOKENIZER_PATH": "/abs/tok.model", "OTHER": "keep",
+                   "SEED": "42", "RUN_ID": "seed42-now", "ARTIFACT_PATH": str(tmp_path / "work" / "seed42.int6.ptz")}
+
+
+def test_without_data_settings_the_runs_use_fineweb_if_present_else_the_embedded_default(tmp_path):
+    work = tmp_path / "work"
+    assert seed_runs.run_environment({}, tmp_path, 1, "r", work)["SMOKE"] == "1"
+    fineweb = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
+    fineweb.mkdir(parents=True)
+    (fineweb / "fineweb_train_000000.bin").write_bytes(b"")
+    environment = seed_runs.run_environment({}, tmp_path, 1, "r", work)
+    assert environment["DATA_PATH"] == str(fineweb) and "SMOKE" not in environment
+    assert "DATA_PATH" not in seed_runs.run_environment({"SMOKE": "1"}, tmp_path, 1, "r", work)
+
+
+def test_more_than_one_process_runs_under_torchrun():
+    assert seed_runs.trainer_command(Path("t.py"), 1) == [sys.executable, "t.py"]
+    assert seed_runs.trainer_command(Path("t.py"), 8) == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                          "--nproc_per_node=8", "t.py"]
+
+
+@pytest.mark.parametrize("options, environ, message", [
+    (["--seeds", "1", "1"], {"DATA_PATH": "d"}, "--seeds 1 1: a seed is repeated"),
+    (["--nproc", "0"], {"DATA_PATH": "d"}, "--nproc 0: must be at least 1"),
+    (["--script", "missing.py"], {"DATA_PATH": "d"}, "--script missing.py: no such file"),
+    (["--out", "missing"], {"DATA_PATH": "d"}, "--out missing: no such folder"),
+])
+def test_unusable_options_are_one_line(tmp_path, monkeypatch, capfd, options, environ, message):
+    # a trainer that would fail at once, should a check let it start
+    (tmp_path / "out").mkdir()
+    (tmp_path / "trainer.py").write_text("raise SystemExit(3)\n")
+    monkeypatch.chdir(tmp_path)
+    for name in ("DATA_PATH", "SMOKE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    status = seed_runs.main(["--out", "out", "--script", "trainer.py", *options])
+    err = capfd.readouterr().err
+    assert status == 2 and err.startswith(f"seed_runs: {message}") and err.count("\n") == 1
+    assert list((tmp_path / "out").iterdir()) == []

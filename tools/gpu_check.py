@@ -1,0 +1,312 @@
+"""One command for a fresh GPU machine: what it is, how fast the real training loop runs,
+what every SLOT mode scores and costs, how long GPTQ takes and how big the artifact is.
+
+    python tools/gpu_check.py results/                          # the default 27M model
+    python tools/gpu_check.py results/ --reference ref/train_gpt.py  # and the record's script beside it
+    python tools/gpu_check.py results/ --tiny --steps 3         # the embedded default's model (any CPU)
+
+Settings come from the environment as for train_gpt.py (DATA_PATH: the tokens to train
+and evaluate on; with --tiny, variables that are set still win over the small profile).
+Training runs the trainer's own loop (loader, EMA, stop flags, late-QAT graph, logging)
+for --steps timed steps after --warmup warm-up steps, --repeats times; a separate short
+loop splits a step into forward, backward and optimiser with CUDA events. With several
+GPUs the tool re-runs itself under torchrun on all of them. It writes gpu_check.json and
+gpu_check.md (a table) into the folder given.
+
+--reference runs the parameter-golf record's script (kept outside this repository) with
+the same settings and tokens, giving it a stand-in `flash_attn_interface` module that
+uses PyTorch's attention, as this trainer does without FlashAttention-3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import repo  # noqa: F401  (puts src/ on the path)
+import torch
+import trainer
+
+SLOT_MODES = ("off", *trainer.SLOT_MODES)
+# What the reference record was run with (its README), on top of its own defaults.
+REFERENCE_SETTINGS = {"QK_GAIN_INIT": "5.0", "SLOT_ENABLED": "1", "SLOT_STEPS": "8", "SLOT_LR": "0.005"}
+FLASH_ATTENTION_STAND_IN = '''"""Stand-in for FlashAttention-3's interface, written by tools/gpu_check.py: PyTorch's attention."""
+import torch.nn.functional as F
+
+
+def flash_attn_func(q, k, v, causal=True):
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=causal, enable_gqa=q.size(2) != k.size(2))
+    return y.transpose(1, 2)
+'''
+
+
+def environment(runtime: trainer.Runtime) -> dict:
+    try:
+        import flash_attn_interface  # noqa: F401
+        flash_attention_3 = True
+    except ImportError:
+        flash_attention_3 = False
+    try:
+        import brotli
+        brotli_version = getattr(brotli, "__version__", "present")
+    except ImportError:
+        brotli_version = None
+    on_gpu = runtime.device.type == "cuda"
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
+            "device": torch.cuda.get_device_name(runtime.device) if on_gpu else f"CPU ({os.cpu_count()} cores)",
+            "devices": runtime.world_size, "gpu": trainer.gpu_description(runtime.device) if on_gpu else None,
+            "attention_backend": "flash_attention_3" if trainer.FLASH_ATTENTION_3 is not None else "sdpa",
+            "flash_attention_3_importable": flash_attention_3, "brotli": brotli_version}
+
+
+def spread(values: list[float]) -> dict:
+    mean = sum(values) / len(values)
+    deviation = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return {"mean": mean, "std": deviation, "values": values}
+
+
+def measure_training(hp: trainer.Hyperparameters, data: trainer.EvalData, runtime: trainer.Runtime,
+                     repeats: int) -> tuple[dict, trainer.GPT]:
+    """The trainer's own loop, `repeats` times; ms/step from its final validation line."""
+    step_ms, warmup_seconds, peaks = [], [], []
+    real_warm_up, lines = trainer.warm_up_and_reset, []
+
+    def timed_warm_up(*args):
+        runtime.synchronize()
+        started = time.perf_counter()
+        real_warm_up(*args)
+        runtime.synchronize()
+        warmup_seconds.append(time.perf_counter() - started)
+
+    trainer.warm_up_and_reset = timed_warm_up
+    runtime.log = lambda message, console=True: lines.append(message)
+    try:
+        for _ in range(repeats):
+            if runtime.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(runtime.device)
+            torch.manual_seed(hp.seed)
+            model = trainer.GPT(trainer.ModelConfig.from_settings(hp)).to(runtime.device)
+            lines.clear()
+            trainer.train(hp, model, data, runtime)
+            final = next(line for line in reversed(lines) if re.match(rf"step:{hp.iterations}/\d+ val_loss", line))
+            step_ms.append(float(re.search(r"step_avg:([\d.]+)ms", final)[1]))
+            peaks.append(torch.cuda.max_memory_allocated(runtime.device) / 2**20 if runtime.device.type == "cuda" else None)
+    finally:
+        trainer.warm_up_and_reset = real_warm_up
+        del runtime.log
+    step = spread(step_ms)
+    return {"steps": hp.iterations, "warmup_steps": hp.warmup_steps, "repeats": repeats, "ms_per_step": step,
+            "tokens_per_second": hp.train_batch_tokens / (step["mean"] / 1000),
+            "compile_and_warmup_seconds": warmup_seconds[0], "warmup_seconds_when_compiled": warmup_seconds[1:],
+            "peak_memory_mib": peaks[-1], "final_val_line": final}, model
+
+
+class Marks:
+    """Time marks on the device's own clock: CUDA events on a GPU, the host clock on a CPU."""
+
+    def __init__(self, runtime: trainer.Runtime):
+        self.on_gpu, self.marks = runtime.device.type == "cuda", []
+
+    def mark(self) -> None:
+        if self.on_gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals_ms(self) -> list[float]:
+        pairs = zip(self.marks, self.marks[1:])
+        return [a.elapsed_time(b) if self.on_gpu else 1000 * (b - a) for a, b in pairs]
+
+
+def measure_step_split(hp: trainer.Hyperparameters, model: trainer.GPT, runtime: trainer.Runtime, steps: int) -> dict:
+    """Forward, backward and optimiser milliseconds per step, after the loop's compilation."""
+    train_model, optimizers = runtime.compile(model), trainer.build_optimizers(hp, model, runtime)
+    sampler = trainer.make_sampler(hp, runtime)
+    totals = {"forward": 0.0, "backward": 0.0, "optimiser": 0.0}
+    for _ in range(steps):
+        batches, marks = sampler.next_step(runtime), Marks(runtime)
+        optimizers.zero_grad()
+        marks.mark()
+        for inputs, targets in batches:
+            with runtime.autocast():
+                loss = train_model(inputs, targets)
+            marks.mark()
+            (loss / len(batches)).backward()
+            marks.mark()
+        optimizers.step(hp.grad_clip_norm)
+        marks.mark()
+        runtime.synchronize()
+        elapsed = marks.intervals_ms()
+        totals["forward"] += sum(elapsed[0:-1:2])
+        totals["backward"] += sum(elapsed[1:-1:2])
+        totals["optimiser"] += elapsed[-1]
+    return {name: value / steps for name, value in totals.items()}
+
+
+def count_host_syncs(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData,
+                     runtime: trainer.Runtime) -> dict | None:
+    """Synchronising calls in a few training steps and one evaluation batch per SLOT mode,
+    as torch.cuda.set_sync_debug_mode reports them (CUDA only)."""
+    if runtime.device.type != "cuda":
+        return None
+    optimizers, sampler = trainer.build_optimizers(hp, model, runtime), trainer.make_sampler(hp, runtime)
+    train_model = runtime.compile(model)
+    short = dataclasses.replace(data, val_tokens=data.val_tokens[: hp.eval_seq_len + hp.eval_batch_seqs * hp.eval_stride + 1])
+    found: dict[str, list[str]] = {}
+    for phase in ("train_step", *SLOT_MODES):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            if phase == "train_step":
+                for _ in range(3):
+                    trainer.train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
+            else:
+                settings = dataclasses.replace(hp, slot_mode=phase if phase != "off" else hp.slot_mode)
+                trainer.evaluate_sliding(model, short, settings, runtime, slot=phase != "off")
+            torch.cuda.set_sync_debug_mode("default")
+        found[phase] = sorted({str(w.message).split("\n")[0] for w in caught})
+    return found
+
+
+def measure_evaluation(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData,
+                       runtime: trainer.Runtime, tokens: int) -> dict:
+    """Every SLOT mode on the same slice of validation tokens: BPB, seconds, tokens/s."""
+    sliced = dataclasses.replace(data, val_tokens=data.val_tokens[: tokens + 1])
+    trainer.evaluate_sliding(model, dataclasses.replace(sliced, val_tokens=sliced.val_tokens[: hp.eval_seq_len * 2 + 1]),
+                             hp, runtime, slot=True)  # compile outside the timing
+    results = {}
+    for mode in SLOT_MODES:
+        settings = dataclasses.replace(hp, slot_mode=mode if mode != "off" else hp.slot_mode)
+        runtime.synchronize()
+        result = trainer.evaluate_sliding(model, sliced, settings, runtime, slot=mode != "off")
+        results[mode] = {"val_bpb": result.bpb, "seconds": result.seconds, "tokens_per_second": result.tokens / result.seconds,
+                         "legal": mode == "off" or mode in trainer.LEGAL_SLOT_MODES}
+    plain = results["off"]["val_bpb"]
+    leak = plain - results["shared"]["val_bpb"]
+    for mode in trainer.LEGAL_SLOT_MODES:
+        results[mode]["share_of_shared_gain"] = (plain - results[mode]["val_bpb"]) / leak if leak else None
+    return {"tokens": tokens, "modes": results}
+
+
+def measure_artifact(hp: trainer.Hyperparameters, model: trainer.GPT, runtime: trainer.Runtime, out: Path) -> dict:
+    hp = dataclasses.replace(hp, artifact_path=str(out / "gpu_check.int6.ptz"))
+    runtime.synchronize()
+    started = time.perf_counter()
+    report = trainer.export_artifact(hp, model, runtime)
+    seconds = time.perf_counter() - started
+    return {"gptq_and_write_seconds": seconds, "model_bytes": report.model_bytes, "code_bytes": report.code_bytes,
+            "total_bytes": report.total_bytes, "fits": not report.over_limit}
+
+
+def run_reference(script: Path, hp: trainer.Hyperparameters, runtime: trainer.Runtime, out: Path, timeout: int) -> dict:
+    """The record's script with the same data, steps and caps; its own log lines parsed."""
+    stand_in = out / "reference_stand_in"
+    stand_in.mkdir(exist_ok=True)
+    (stand_in / "flash_attn_interface.py").write_text(FLASH_ATTENTION_STAND_IN)
+    environ = {**os.environ, **REFERENCE_SETTINGS, "DATA_PATH": hp.data_path,
+               "TOKENIZER_PATH": str(trainer.bundled_file(hp.tokenizer_path)), "ITERATIONS": str(hp.iterations),
+               "WARMUP_STEPS": str(hp.warmup_steps), "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
+               "TRAIN_BATCH_TOKENS": str(hp.train_batch_tokens), "TRAIN_SEQ_LEN": str(hp.train_seq_len),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in), os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={runtime.world_size}", str(script.resolve())]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=out, env=environ, capture_output=True, text=True, timeout=timeout)
+    (out / "reference_output.txt").write_text(result.stdout + result.stderr)
+    numbers = {"exit_status": result.returncode, "wall_seconds": time.perf_counter() - started}
+    patterns = {"ms_per_step": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:\S+ train_time:\S+ step_avg:([\d.]+)ms",
+                "pre_quantisation_val_bpb": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:([\d.]+)",
+                "peak_memory_mib": r"peak memory allocated: (\d+) MiB", "model_bytes": r"Serialized model int6\+brotli: (\d+) bytes",
+                "roundtrip_val_bpb": r"final_int6_roundtrip_exact val_loss:\S+ val_bpb:([\d.]+)",
+                "sliding_slot_val_bpb": r"final_int6_sliding_window_exact val_loss:\S+ val_bpb:([\d.]+)",
+                "sliding_slot_eval_ms": r"final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:\d+ eval_time:(\d+)ms"}
+    for name, pattern in patterns.items():
+        match = re.search(pattern, result.stdout)
+        numbers[name] = float(match[1]) if match else None
+    return numbers
+
+
+def table(report: dict) -> str:
+    """The readable summary: one row per measurement, ours beside the reference's."""
+    training, reference = report["training"], report.get("reference") or {}
+    rows = [("ms per step (mean ± std over repeats)", f"{training['ms_per_step']['mean']:.1f} ± {training['ms_per_step']['std']:.1f}",
+             reference.get("ms_per_step")),
+            ("tokens per second", f"{training['tokens_per_second']:,.0f}",
+             report["settings"]["train_batch_tokens"] / (reference["ms_per_step"] / 1000) if reference.get("ms_per_step") else None),
+            ("peak memory MiB", training["peak_memory_mib"], reference.get("peak_memory_mib")),
+            ("compile + warm-up seconds", f"{training['compile_and_warmup_seconds']:.1f}", None),
+            ("forward / backward / optimiser ms", " / ".join(f"{v:.1f}" for v in report["step_split_ms"].values()), None),
+            ("GPTQ + write seconds", f"{report['artifact']['gptq_and_write_seconds']:.1f}", None),
+            ("artifact + code bytes", f"{report['artifact']['total_bytes']:,}", reference.get("model_bytes"))]
+    for mode, result in report["evaluation"]["modes"].items():
+        rows.append((f"eval {mode}: BPB, tokens/s", f"{result['val_bpb']:.6f}, {result['tokens_per_second']:,.0f}", None))
+    lines = [f"# gpu_check: {report['environment']['device']} x{report['environment']['devices']}, torch "
+             f"{report['environment']['torch']}, attention {report['environment']['attention_backend']}", "",
+             "| measurement | ours | reference |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {ours} | {'' if theirs is None else theirs} |" for name, ours, theirs in rows]
+    return "\n".join(lines) + "\n"
+
+
+def relaunch_on_every_gpu(argv: list[str]) -> int | None:
+    """Under several GPUs and not yet under torchrun: run again on all of them."""
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2 or "RANK" in os.environ:
+        return None
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={torch.cuda.device_count()}", __file__, *argv]
+    return subprocess.run(command).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
+    parser.add_argument("--tiny", action="store_true", help="the embedded default's model (SMOKE=1 under the environment)")
+    parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat")
+    parser.add_argument("--warmup", type=int, default=5, help="warm-up (compile) steps before them")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--split-steps", type=int, default=3, help="steps split into forward/backward/optimiser")
+    parser.add_argument("--eval-tokens", type=int, default=1_048_576, help="validation tokens each SLOT mode scores")
+    parser.add_argument("--reference", type=Path, help="the record's train_gpt.py, to run beside ours")
+    parser.add_argument("--reference-timeout", type=int, default=1800, help="seconds")
+    args = parser.parse_args(argv)
+    if (status := relaunch_on_every_gpu(argv)) is not None:
+        return status
+    try:
+        environ = {**({"SMOKE": "1"} if args.tiny else {}), **os.environ}
+        hp = trainer.Hyperparameters.from_env({**environ, "ITERATIONS": str(args.steps), "WARMUP_STEPS": str(args.warmup),
+                                               "MAX_WALLCLOCK_SECONDS": "0", "SAFETY_CAP_SECONDS": "0", "VAL_LOSS_EVERY": "0"})
+        runtime = trainer.start_runtime(hp)
+        data = trainer.load_data(hp, runtime)
+    except (trainer.ConfigError, trainer.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(runtime), "settings": dataclasses.asdict(hp)}
+    report["training"], model = measure_training(hp, data, runtime, args.repeats)
+    report["step_split_ms"] = measure_step_split(hp, model, runtime, args.split_steps)
+    report["host_syncs"] = count_host_syncs(hp, model, data, runtime)
+    report["artifact"] = measure_artifact(hp, model, runtime, args.out)
+    quantized = trainer.load_quantized_model(model.config, args.out / "gpu_check.int6.ptz", runtime)
+    report["evaluation"] = measure_evaluation(hp, quantized, data, runtime, args.eval_tokens)
+    if args.reference and runtime.is_main:
+        report["reference"] = run_reference(args.reference, hp, runtime, args.out, args.reference_timeout)
+    if runtime.is_main:
+        trainer.write_atomic(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str).encode())
+        trainer.write_atomic(args.out / "gpu_check.md", table(report).encode())
+        print(table(report))
+    runtime.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
