@@ -50,11 +50,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-USAGE = """Parameter-golf trainer; every setting is an environment variable.
-
-  torchrun --standalone --nproc_per_node=8 train_gpt.py   the real run on 8 GPUs
-  python train_gpt.py                                     1 process; without FineWeb, the embedded default
-  SMOKE=1 python train_gpt.py                             the embedded default (a small model, any CPU)
+USAGE = """Parameter-golf trainer; settings are environment variables.
+  torchrun --standalone --nproc_per_node=8 train_gpt.py   8 GPUs
+  python train_gpt.py                                     1 process (no FineWeb: the embedded default)
 """
 
 # -----------------------------------------------------------------------------
@@ -67,100 +65,101 @@ USAGE = """Parameter-golf trainer; every setting is an environment variable.
 class ConfigError(ValueError):
     """A setting that cannot work; the message names the variable and what is allowed."""
 
-def setting(env: str, default: Any, help: str) -> Any:
-    return field(default=default, metadata={"env": env, "help": help})
+def setting(default: Any, help: str) -> Any:
+    """A field whose environment variable is its name in capitals."""
+    return field(default=default, metadata={"help": help})
 
 @dataclass
 class Hyperparameters:
     # data and run
-    data_path: str = setting("DATA_PATH", "./data/datasets/fineweb10B_sp1024", "folder with fineweb_train_*.bin and fineweb_val_*.bin")
-    tokenizer_path: str = setting("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model used for byte counts")
-    run_id: str = setting("RUN_ID", "", "the log is logs/<RUN_ID>.txt and is never reused (default: a fresh UUID)")
-    artifact_path: str = setting("ARTIFACT_PATH", "final_model.int6.ptz", "where the quantised model is written")
-    seed: int = setting("SEED", 1337, "seed for weights and evaluation (the data order is fixed by the file names)")
-    smoke: bool = setting("SMOKE", False, "the embedded default: a small model on vendored English text")
+    data_path: str = setting("./data/datasets/fineweb10B_sp1024", "folder of fineweb_train_*.bin and fineweb_val_*.bin")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model used for byte counts")
+    run_id: str = setting("", "log file logs/<RUN_ID>.txt, never reused (default: a UUID)")
+    artifact_path: str = setting("final_model.int6.ptz", "where the quantised model is written")
+    seed: int = setting(1337, "seed of weights and evaluation (data order: fixed by file names)")
+    smoke: bool = setting(False, "the embedded default: a small model on vendored text")
     # model
-    vocab_size: int = setting("VOCAB_SIZE", 1024, "tokenizer vocabulary size")
-    num_layers: int = setting("NUM_LAYERS", 11, "transformer blocks")
-    model_dim: int = setting("MODEL_DIM", 512, "residual width")
-    num_heads: int = setting("NUM_HEADS", 8, "query heads")
-    num_kv_heads: int = setting("NUM_KV_HEADS", 4, "key/value heads (grouped-query attention)")
-    mlp_mult: float = setting("MLP_MULT", 3.0, "MLP hidden width as a multiple of MODEL_DIM")
-    qk_gain_init: float = setting("QK_GAIN_INIT", 5.0, "initial per-head query gain")
-    rope_dims: int = setting("ROPE_DIMS", 16, "head dims that get rotary embedding (0: all)")
-    rope_base: float = setting("ROPE_BASE", 10000.0, "rotary base")
-    xsa_last_n: int = setting("XSA_LAST_N", 11, "last N layers use XSA (remove the self-value component)")
-    bigram_vocab_size: int = setting("BIGRAM_VOCAB_SIZE", 2816, "BigramHash buckets (0 disables)")
-    bigram_dim: int = setting("BIGRAM_DIM", 112, "BigramHash embedding width")
-    ve_enabled: bool = setting("VE_ENABLED", True, "value embeddings on VE_LAYERS")
-    ve_dim: int = setting("VE_DIM", 128, "value-embedding table width")
-    ve_layers: str = setting("VE_LAYERS", "9,10", "comma-separated layers that add the value embedding")
-    logit_softcap: float = setting("LOGIT_SOFTCAP", 30.0, "logits = c*tanh(z/c)")
-    tied_embed_init_std: float = setting("TIED_EMBED_INIT_STD", 0.005, "init std of the tied embedding")
-    negative_slope: float = setting("NEGATIVE_SLOPE", 0.5, "leaky_relu slope inside the squared MLP activation")
+    vocab_size: int = setting(1024, "tokenizer vocabulary size")
+    num_layers: int = setting(11, "transformer blocks")
+    model_dim: int = setting(512, "residual width")
+    num_heads: int = setting(8, "query heads")
+    num_kv_heads: int = setting(4, "key/value heads (grouped-query attention)")
+    mlp_mult: float = setting(3.0, "MLP hidden width as a multiple of MODEL_DIM")
+    qk_gain_init: float = setting(5.0, "initial per-head query gain")
+    rope_dims: int = setting(16, "head dims that get rotary embedding (0: all)")
+    rope_base: float = setting(10000.0, "rotary base")
+    xsa_last_n: int = setting(11, "last N layers use XSA (remove the self-value component)")
+    bigram_vocab_size: int = setting(2816, "BigramHash buckets (0 disables)")
+    bigram_dim: int = setting(112, "BigramHash embedding width")
+    ve_enabled: bool = setting(True, "value embeddings on VE_LAYERS")
+    ve_dim: int = setting(128, "value-embedding table width")
+    ve_layers: str = setting("9,10", "comma-separated layers that add the value embedding")
+    logit_softcap: float = setting(30.0, "logits = c*tanh(z/c)")
+    tied_embed_init_std: float = setting(0.005, "init std of the tied embedding")
+    negative_slope: float = setting(0.5, "leaky_relu slope inside the squared MLP activation")
     # schedule
-    train_batch_tokens: int = setting("TRAIN_BATCH_TOKENS", 786_432, "tokens per optimiser step, all ranks together")
-    train_seq_len: int = setting("TRAIN_SEQ_LEN", 2048, "training sequence length")
-    grad_accum_steps: int = setting("GRAD_ACCUM_STEPS", 0, "micro-steps per step (0: 8 // WORLD_SIZE)")
-    iterations: int = setting("ITERATIONS", 20000, "step limit")
-    warmup_steps: int = setting("WARMUP_STEPS", 20, "compile/prime steps, then weights, optimiser and loader reset")
-    warmdown_iters: int = setting("WARMDOWN_ITERS", 3500, "LR decays to 0 over the last N (average-length) steps")
-    max_wallclock_seconds: float = setting("MAX_WALLCLOCK_SECONDS", 600.0, "training time cap; the LR schedule ends there (0: none, schedule by steps)")
-    safety_cap_seconds: float = setting("SAFETY_CAP_SECONDS", 0.0, "stop training after this long, reported as such, without shaping the schedule (0: none)")
-    gptq_reserve_ms: float = setting("GPTQ_RESERVE_MS", 9000.0, "part of the cap kept for quantisation")
-    val_loss_every: int = setting("VAL_LOSS_EVERY", 4000, "validate every N steps (0: only at the end)")
-    train_log_every: int = setting("TRAIN_LOG_EVERY", 500, "log the train loss every N steps")
-    val_batch_size: int = setting("VAL_BATCH_SIZE", 524_288, "tokens per validation batch, all ranks together")
+    train_batch_tokens: int = setting(786_432, "tokens per optimiser step, all ranks together")
+    train_seq_len: int = setting(2048, "training sequence length")
+    grad_accum_steps: int = setting(0, "micro-steps per step (0: 8 // WORLD_SIZE)")
+    iterations: int = setting(20000, "step limit")
+    warmup_steps: int = setting(20, "compile/prime steps, then everything is reset")
+    warmdown_iters: int = setting(3500, "LR decays to 0 over the last N (average-length) steps")
+    max_wallclock_seconds: float = setting(600.0, "training time cap, where the LR schedule ends (0: none)")
+    safety_cap_seconds: float = setting(0.0, "stop (and say so) after this long; no effect on the schedule (0: none)")
+    gptq_reserve_ms: float = setting(9000.0, "part of the cap kept for quantisation")
+    val_loss_every: int = setting(4000, "validate every N steps (0: only at the end)")
+    train_log_every: int = setting(500, "log the train loss every N steps")
+    val_batch_size: int = setting(524_288, "tokens per validation batch, all ranks together")
     # optimiser
-    matrix_lr: float = setting("MATRIX_LR", 0.03, "Muon LR of the weight banks")
-    early_layers: int = setting("EARLY_LAYERS", 5, "layers 0..N-1 are the 'early' layers of EARLY_LAYERS_LR_SCALE")
-    early_layers_lr_scale: float = setting("EARLY_LAYERS_LR_SCALE", 1.0, "Muon LR (and decay) multiplier of the early layers; 1 trains like the reference, whose split cancels out")
-    scalar_lr: float = setting("SCALAR_LR", 0.025, "AdamW LR of control tensors and small projections")
-    tied_embed_lr: float = setting("TIED_EMBED_LR", 0.035, "AdamW LR of token-like tables")
-    muon_momentum: float = setting("MUON_MOMENTUM", 0.99, "Muon Nesterov momentum")
-    muon_momentum_warmup_start: float = setting("MUON_MOMENTUM_WARMUP_START", 0.92, "momentum at step 0")
-    muon_momentum_warmup_steps: int = setting("MUON_MOMENTUM_WARMUP_STEPS", 1500, "steps to reach MUON_MOMENTUM")
-    muon_backend_steps: int = setting("MUON_BACKEND_STEPS", 5, "Newton-Schulz iterations")
-    muon_wd: float = setting("MUON_WD", 0.04, "decoupled weight decay of the banks")
-    muon_eq_r: bool = setting("MUON_EQ_R", True, "1: row-normalise the update before Newton-Schulz (MuonEq-R); 0: plain Muon")
-    beta1: float = setting("BETA1", 0.9, "AdamW beta1")
-    beta2: float = setting("BETA2", 0.95, "AdamW beta2")
-    adam_eps: float = setting("ADAM_EPS", 1e-8, "AdamW epsilon")
-    adam_wd: float = setting("ADAM_WD", 0.04, "AdamW weight decay")
-    grad_clip_norm: float = setting("GRAD_CLIP_NORM", 0.3, "global gradient-norm clip (0: off)")
-    ema_decay: float = setting("EMA_DECAY", 0.997, "EMA of the weights, applied before export")
-    late_qat_threshold: float = setting("LATE_QAT_THRESHOLD", 0.15, "fake-quantise small projections once the LR multiplier drops below this (0: off)")
-    late_qat_min_step: int = setting("LATE_QAT_MIN_STEP", 2000, "earliest step for late QAT")
+    matrix_lr: float = setting(0.03, "Muon LR of the weight banks")
+    early_layers: int = setting(5, "layers 0..N-1 get EARLY_LAYERS_LR_SCALE")
+    early_layers_lr_scale: float = setting(1.0, "Muon LR and decay multiplier of early layers (1: the reference, whose split cancels)")
+    scalar_lr: float = setting(0.025, "AdamW LR of control tensors and small projections")
+    tied_embed_lr: float = setting(0.035, "AdamW LR of token-like tables")
+    muon_momentum: float = setting(0.99, "Muon Nesterov momentum")
+    muon_momentum_warmup_start: float = setting(0.92, "momentum at step 0")
+    muon_momentum_warmup_steps: int = setting(1500, "steps to reach MUON_MOMENTUM")
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations")
+    muon_wd: float = setting(0.04, "decoupled weight decay of the banks")
+    muon_eq_r: bool = setting(True, "row-normalise updates before Newton-Schulz (0: plain Muon)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-8, "AdamW epsilon")
+    adam_wd: float = setting(0.04, "AdamW weight decay")
+    grad_clip_norm: float = setting(0.3, "global gradient-norm clip (0: off)")
+    ema_decay: float = setting(0.997, "EMA of the weights, applied before export")
+    late_qat_threshold: float = setting(0.15, "fake-quantise small projections below this LR multiplier (0: off)")
+    late_qat_min_step: int = setting(2000, "earliest step for late QAT")
     # quantisation and artifact
-    gptq_calib_samples: int = setting("GPTQ_CALIB_SAMPLES", 64, "training micro-batches for the GPTQ Hessians")
-    quant_clip_range: int = setting("QUANT_CLIP_RANGE", 31, "int6 grid is [-N, N]")
-    gptq_fine_scales: bool = setting("GPTQ_FINE_SCALES", False, "1: no 1/N scale floor, one damping, clip by Hessian-weighted error (finer grid, larger artifact)")
+    gptq_calib_samples: int = setting(64, "training micro-batches for GPTQ Hessians")
+    quant_clip_range: int = setting(31, "int6 grid is [-N, N]")
+    gptq_fine_scales: bool = setting(False, "no scale floor, one damping, Hessian-weighted clip (finer, larger)")
     # evaluation
-    eval_seq_len: int = setting("EVAL_SEQ_LEN", 2048, "evaluation window length")
-    eval_stride: int = setting("EVAL_STRIDE", 64, "sliding-window stride (new tokens scored per window)")
-    eval_batch_seqs: int = setting("EVAL_BATCH_SEQS", 32, "windows per evaluation batch")
-    slot_enabled: bool = setting("SLOT_ENABLED", True, "context-only SLOT in the sliding-window evaluation")
-    slot_mode: str = setting("SLOT_MODE", "window", "window | batch_causal | shared (shared is the reference's and leaks; see README)")
-    slot_steps: int = setting("SLOT_STEPS", 8, "SLOT optimisation steps per batch")
-    slot_lr: float = setting("SLOT_LR", 0.005, "SLOT AdamW learning rate")
-    ttt_enabled: bool = setting("TTT_ENABLED", False, "score-first test-time training after the sliding evaluation")
-    ttt_lr: float = setting("TTT_LR", 0.002, "TTT SGD learning rate (cosine over chunks)")
-    ttt_epochs: int = setting("TTT_EPOCHS", 3, "TTT passes over each scored chunk")
-    ttt_chunk_tokens: int = setting("TTT_CHUNK_TOKENS", 32768, "TTT chunk size")
-    ttt_freeze_blocks: int = setting("TTT_FREEZE_BLOCKS", 2, "first N blocks stay frozen during TTT")
-    ttt_momentum: float = setting("TTT_MOMENTUM", 0.9, "TTT SGD momentum")
-    ttt_batch_seqs: int = setting("TTT_BATCH_SEQS", 32, "TTT sequences per batch")
-    ttt_grad_clip: float = setting("TTT_GRAD_CLIP", 1.0, "TTT gradient-norm clip")
+    eval_seq_len: int = setting(2048, "evaluation window length")
+    eval_stride: int = setting(64, "sliding-window stride (new tokens scored per window)")
+    eval_batch_seqs: int = setting(32, "windows per evaluation batch")
+    slot_enabled: bool = setting(True, "context-only SLOT in the sliding-window evaluation")
+    slot_mode: str = setting("window", "window | batch_causal | shared (the reference's: leaks)")
+    slot_steps: int = setting(8, "SLOT optimisation steps per batch")
+    slot_lr: float = setting(0.005, "SLOT AdamW learning rate")
+    ttt_enabled: bool = setting(False, "score-first test-time training after sliding evaluation")
+    ttt_lr: float = setting(0.002, "TTT SGD learning rate (cosine over chunks)")
+    ttt_epochs: int = setting(3, "TTT passes over each scored chunk")
+    ttt_chunk_tokens: int = setting(32768, "TTT chunk size")
+    ttt_freeze_blocks: int = setting(2, "first N blocks stay frozen during TTT")
+    ttt_momentum: float = setting(0.9, "TTT SGD momentum")
+    ttt_batch_seqs: int = setting(32, "TTT sequences per batch")
+    ttt_grad_clip: float = setting(1.0, "TTT gradient-norm clip")
     # machinery
-    compile: str = setting("COMPILE", "auto", "torch.compile: auto (CUDA only) | 1 | 0")
+    compile: str = setting("auto", "torch.compile: auto (CUDA only) | 1 | 0")
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Hyperparameters:
         """Defaults, then the SMOKE profile, then every variable that is set."""
         environ = dict(os.environ if environ is None else environ)
         values = dict(SMOKE_PROFILE) if parse_setting("smoke", environ.get("SMOKE", "0")) else {}
-        values.update({spec.name: parse_setting(spec.name, environ[spec.metadata["env"]])
-                       for spec in fields(cls) if spec.metadata["env"] in environ})
+        values.update({spec.name: parse_setting(spec.name, environ[env_of(spec.name)])
+                       for spec in fields(cls) if env_of(spec.name) in environ})
         hp = cls(**values)
         hp.validate()
         return hp
@@ -175,7 +174,7 @@ class Hyperparameters:
             ("num_heads", lambda: self.model_dim % self.num_heads == 0, f"must divide MODEL_DIM={self.model_dim}"),
             ("num_kv_heads", lambda: self.num_heads % self.num_kv_heads == 0, f"must divide NUM_HEADS={self.num_heads}"),
             ("rope_dims", lambda: self.head_dim % 2 == 0 and self.rope_dims in {0, *range(4, self.head_dim + 1, 2)},
-             "must be 0 (all) or even in 4..the head dim (the NTK scaling divides by ROPE_DIMS-2)"),
+             "must be 0 (all) or even in 4..the head dim"),
             ("mlp_mult", lambda: (self.mlp_mult * self.model_dim) % 1 == 0, "must give a whole hidden width"),
             ("bigram_vocab_size", lambda: self.bigram_vocab_size != 1, "must be 0 (off) or at least 2"),
             ("ve_layers", lambda: all(0 <= i < self.num_layers for i in self.value_embedding_layers),
@@ -225,18 +224,18 @@ SLOT_MODES = ("window", "batch_causal", "shared")
 # CPU cores, on the vendored text of data/smoke/. Bounded by steps, so a seed gives the
 # same score on any machine; the safety cap only stops a machine that is far too slow.
 SMOKE_PROFILE: dict[str, Any] = dict(
-    smoke=True, data_path="./data/datasets/smoke_pydoc_sp1024", num_layers=4, model_dim=128,
-    num_heads=4, num_kv_heads=2, mlp_mult=2.0, rope_dims=16, xsa_last_n=4, bigram_vocab_size=512,
+    data_path="./data/datasets/smoke_pydoc_sp1024", num_layers=4, model_dim=128,
+    num_heads=4, num_kv_heads=2, mlp_mult=2.0, xsa_last_n=4, bigram_vocab_size=512,
     bigram_dim=32, ve_dim=32, ve_layers="2,3", train_batch_tokens=8192, train_seq_len=256,
     grad_accum_steps=1, iterations=150, warmup_steps=2, warmdown_iters=100, max_wallclock_seconds=0.0,
     safety_cap_seconds=900.0, gptq_reserve_ms=0.0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
     muon_momentum_warmup_steps=100, late_qat_min_step=100, gptq_calib_samples=4, ema_decay=0.95,
-    eval_seq_len=256, eval_stride=64, eval_batch_seqs=16, slot_steps=4,
+    eval_seq_len=256, eval_batch_seqs=16, slot_steps=4,
     ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8)
 SMOKE_EXPECTED_BPB = 1.85  # the embedded default's final score for SEED=1337 (README: measured)
 
 def env_of(name: str) -> str:
-    return next(spec.metadata["env"] for spec in fields(Hyperparameters) if spec.name == name)
+    return name.upper()
 
 def parse_setting(name: str, raw: str) -> Any:
     """Parse one variable by its field's type; a bad value names the variable."""
@@ -256,22 +255,22 @@ def parse_setting(name: str, raw: str) -> Any:
 
 def misspelled_settings(environ: dict[str, str]) -> list[str]:
     """Warnings for variables that look like one of ours but are not (SLOT_STEP=4)."""
-    ours = [spec.metadata["env"] for spec in fields(Hyperparameters)]
+    ours = [env_of(spec.name) for spec in fields(Hyperparameters)]
     warnings = []
     for name in sorted(set(environ) - set(ours)):
         if close := difflib.get_close_matches(name, ours, n=1, cutoff=0.85):
-            warnings.append(f"warning: {name} is not a setting of this trainer (ignored); did you mean {close[0]}?")
+            warnings.append(f"warning: {name} is not a setting (ignored); did you mean {close[0]}?")
     return warnings
 
 def changed_settings(hp: Hyperparameters) -> str:
     """The settings that differ from the defaults, as VARIABLE=value."""
-    return " ".join(f"{spec.metadata['env']}={getattr(hp, spec.name)}" for spec in fields(hp)
+    return " ".join(f"{env_of(spec.name)}={getattr(hp, spec.name)}" for spec in fields(hp)
                     if getattr(hp, spec.name) != spec.default) or "none"
 
 def describe_settings() -> str:
     """The --help text: every variable with its default and meaning."""
     return "\n".join(["Environment variables (default in brackets):"] + [
-        f"  {spec.metadata['env']:<28} [{int(spec.default) if isinstance(spec.default, bool) else spec.default}] "
+        f"  {env_of(spec.name):<28} [{int(spec.default) if isinstance(spec.default, bool) else spec.default}] "
         f"{spec.metadata['help']}" for spec in fields(Hyperparameters)])
 
 
@@ -282,7 +281,6 @@ def describe_settings() -> str:
 # it is distributed: with one process each method is a no-op or a plain copy.
 
 MIN_TORCH = (2, 5)  # scaled_dot_product_attention(enable_gqa=...) arrived in 2.5
-REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 class RunFailure(RuntimeError):
     """The run itself failed (non-finite loss or weights, a failed write); exit status 1."""
@@ -335,7 +333,7 @@ class Runtime:
 
     def all_reduce_(self, tensor: Tensor, op: str = "sum") -> Tensor:
         if self.distributed:
-            dist.all_reduce(tensor, op=REDUCE_OPS[op])
+            dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op.upper()))
         return tensor
 
     def mean_(self, tensors: list[Tensor]) -> None:
@@ -357,19 +355,16 @@ class Runtime:
         if self.distributed:
             dist.barrier()
 
-    def shard_rows(self, rows: int) -> tuple[int, int]:
-        """This rank's [start, end) of `rows` padded to a multiple of the world size."""
-        per_rank = -(-rows // self.world_size)
-        return self.rank * per_rank, (self.rank + 1) * per_rank
-
     def reduce_scatter_mean(self, tensor: Tensor, dtype: torch.dtype) -> PendingShard:
-        """Start averaging `tensor` over ranks; this rank keeps its rows (padded split)."""
+        """Start averaging `tensor` over ranks; this rank keeps its share of the rows, the
+        rows padded to a multiple of the world size."""
         if not self.distributed:
             return PendingShard(tensor, None, 1)
-        start, end = self.shard_rows(tensor.size(0))
-        padded = F.pad(tensor.to(dtype), (0, 0) * (tensor.ndim - 1) + (0, (end - start) * self.world_size - tensor.size(0)))
+        per_rank = -(-tensor.size(0) // self.world_size)
+        start, end = self.rank * per_rank, (self.rank + 1) * per_rank
+        padded = F.pad(tensor.to(dtype), (0, 0) * (tensor.ndim - 1) + (0, per_rank * self.world_size - tensor.size(0)))
         if self.reduce_scatter_works:
-            shard = torch.empty_like(padded[: end - start])
+            shard = torch.empty_like(padded[:per_rank])
             try:
                 return PendingShard(shard, dist.reduce_scatter_tensor(shard, padded, async_op=True), self.world_size)
             except (RuntimeError, NotImplementedError):
@@ -410,11 +405,23 @@ class Runtime:
         if dist.is_initialized():
             dist.destroy_process_group()
 
+FLASH_ATTENTION_3: Callable | None = None  # FlashAttention-3's function, once enabled
+
+def enable_flash_attention_3(device: torch.device) -> bool:
+    """Use FlashAttention-3 when its Python interface is installed and the GPU is a Hopper."""
+    global FLASH_ATTENTION_3
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        try:
+            from flash_attn_interface import flash_attn_func
+        except ImportError:
+            return False
+        FLASH_ATTENTION_3 = flash_attn_func
+    return FLASH_ATTENTION_3 is not None
+
 def check_torch_version(version: str) -> None:
     found = tuple(int(part) for part in version.split("+")[0].split(".")[:2])
     if found < MIN_TORCH:
-        raise ConfigError(f"torch {version} is too old: this trainer needs torch >= {'.'.join(map(str, MIN_TORCH))} "
-                          "(scaled_dot_product_attention with enable_gqa)")
+        raise ConfigError(f"torch {version} is too old: this trainer needs torch >= {'.'.join(map(str, MIN_TORCH))}")
 
 def start_runtime(hp: Hyperparameters) -> Runtime:
     """Ranks, device and process group; seeds every generator."""
@@ -697,7 +704,8 @@ def make_sampler(hp: Hyperparameters, runtime: Runtime) -> TokenSampler:
                         runtime.rank, runtime.world_size, runtime.accum_steps)
 
 def bundled_file(relative: str) -> Path:
-    """A file that ships with the project: under the working directory, else beside this script."""
+    """A path as given (under the working directory), else one of the project's files
+    found beside this script: the tokenizer and the embedded text work from any folder."""
     here = Path(__file__).resolve().parent
     return next((base / relative for base in (Path.cwd(), here, here.parent) if (base / relative).exists()), Path(relative))
 
@@ -737,7 +745,7 @@ class ModelConfig:
     rope_dims: int
     rope_base: float
     xsa_last_n: int
-    bigram_buckets: int
+    bigram_vocab_size: int
     bigram_dim: int
     ve_dim: int
     ve_layers: tuple[int, ...]
@@ -750,13 +758,9 @@ class ModelConfig:
 
     @classmethod
     def from_settings(cls, hp: Hyperparameters) -> ModelConfig:
-        return cls(vocab_size=hp.vocab_size, num_layers=hp.num_layers, model_dim=hp.model_dim, num_heads=hp.num_heads,
-                   num_kv_heads=hp.num_kv_heads, mlp_hidden=int(hp.mlp_mult * hp.model_dim),
-                   rope_dims=hp.rope_dims or hp.head_dim, rope_base=hp.rope_base, xsa_last_n=hp.xsa_last_n,
-                   bigram_buckets=hp.bigram_vocab_size, bigram_dim=hp.bigram_dim, ve_dim=hp.ve_dim,
-                   ve_layers=tuple(hp.value_embedding_layers), logit_softcap=hp.logit_softcap,
-                   negative_slope=hp.negative_slope, qk_gain_init=hp.qk_gain_init,
-                   tied_embed_init_std=hp.tied_embed_init_std)
+        same_name = {spec.name: getattr(hp, spec.name) for spec in fields(cls) if hasattr(hp, spec.name)}
+        return cls(**{**same_name, "mlp_hidden": int(hp.mlp_mult * hp.model_dim), "rope_dims": hp.rope_dims or hp.head_dim,
+                      "ve_layers": tuple(hp.value_embedding_layers)})
 
     @property
     def head_dim(self) -> int:
@@ -770,19 +774,6 @@ class ModelConfig:
         """The fields a stored model must match (lists where JSON turns tuples into lists)."""
         return {key: list(value) if isinstance(value, tuple) else value
                 for key, value in dataclasses.asdict(self).items() if key not in self.INIT_ONLY}
-
-FLASH_ATTENTION_3: Callable | None = None  # FlashAttention-3's function, once enabled
-
-def enable_flash_attention_3(device: torch.device) -> bool:
-    """Use FlashAttention-3 when its Python interface is installed and the GPU is a Hopper."""
-    global FLASH_ATTENTION_3
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        try:
-            from flash_attn_interface import flash_attn_func
-        except ImportError:
-            return False
-        FLASH_ATTENTION_3 = flash_attn_func
-    return FLASH_ATTENTION_3 is not None
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Causal GQA attention on [B, T, heads, D] tensors; returns [B, T, H, D]."""
@@ -972,7 +963,7 @@ class GPT(nn.Module):
         dim, layers = config.model_dim, config.num_layers
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
-        self.bigram = BigramHash(config.bigram_buckets, config.bigram_dim, dim) if config.bigram_buckets else None
+        self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim) if config.bigram_vocab_size else None
         self.smear = SmearGate(dim)
         self.ve_layers = list(config.ve_layers)
         self.value_embed = ValueEmbedding(config.vocab_size, config.ve_dim, config.kv_dim, len(self.ve_layers)) if self.ve_layers else None
@@ -1155,10 +1146,10 @@ class Optimizers:
         for optimizer in self.all():
             optimizer.zero_grad(set_to_none=True)
 
-    def set_schedule(self, lr_multiplier: float, muon_momentum: float) -> None:
+    def set_schedule(self, lr_mul: float, muon_momentum: float) -> None:
         for optimizer in self.all():
             for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * lr_multiplier
+                group["lr"] = group["base_lr"] * lr_mul
         for group in self.muon.param_groups:
             group["momentum"] = muon_momentum
 
@@ -1214,13 +1205,16 @@ class ArtifactError(ValueError):
 PACKED_HEADER = "import lzma as L,base64 as B,linecache as C,sys,traceback as T\n"
 SOURCE_SHA256 = ""  # filled in by the pack step in the shipped file
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+PACK_STEP_ONLY = ("strip_source", "pack_source", "unpack_source")  # left out of the shipped file, which never runs them
 
 def strip_source(source: str) -> str:
-    """The same program without comments, docstrings and function annotations (never
-    evaluated here: `from __future__ import annotations`), the source hash filled in."""
+    """The same program without comments, docstrings, function annotations (never
+    evaluated here: `from __future__ import annotations`) and the pack step's own
+    functions, the source hash filled in."""
     import ast  # only the pack step needs it
 
     tree = ast.parse(source)
+    tree.body = [node for node in tree.body if getattr(node, "name", None) not in PACK_STEP_ONLY]
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)):
             body = node.body
@@ -1909,8 +1903,8 @@ def evaluate_artifact(hp: Hyperparameters, model: GPT, data: EvalData, runtime: 
     slot = hp.slot_enabled and hp.slot_steps > 0
     legal = not slot or hp.slot_mode in LEGAL_SLOT_MODES
     if not legal:
-        runtime.log("slot:mode shared is NOT causal: one delta per batch is fitted on later windows' context, "
-                    "which holds earlier windows' scored tokens; its score is not a legal submission")
+        runtime.log("slot:mode shared is NOT causal (later windows' context holds earlier windows' scored tokens): "
+                    "not a legal score")
     sliding = evaluate_sliding(model, data, hp, runtime, slot)
     log_result(runtime, "final_int6_sliding_window", sliding, f"stride:{hp.eval_stride} ")
     counted, name, seconds = sliding, "final_int6_sliding_window_exact", roundtrip.seconds + sliding.seconds
@@ -2022,14 +2016,10 @@ class StopSignals:
             event = torch.cuda.Event()
             event.record()
             flags = host
-        previous, self.in_flight = self.in_flight, (step, flags, event)
         if event is None:  # CPU: the values are already here
-            return self.drain()
+            return self.read((step, flags, None))
+        previous, self.in_flight = self.in_flight, (step, flags, event)
         return self.read(previous) if previous is not None else None
-
-    def drain(self) -> tuple[int, bool, bool] | None:
-        pending, self.in_flight = self.in_flight, None
-        return self.read(pending) if pending is not None else None
 
     @staticmethod
     def read(pending: tuple[int, Tensor, Any]) -> tuple[int, bool, bool]:
@@ -2138,7 +2128,7 @@ def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
             flagged_step, not_finite, cap_reached = signal
             if not_finite:
                 raise RunFailure(f"training loss is not finite at step {flagged_step}; stopping "
-                                 f"(lower MATRIX_LR / TIED_EMBED_LR or check the data)")
+                                 f"(lower the LRs or check the data)")
             if cap_reached and stop_after is None:
                 stop_after = step
     if runtime.device.type == "cuda":
@@ -2164,13 +2154,13 @@ def environ_with_profile() -> dict[str, str]:
     """
     environ = dict(os.environ)
     if "SMOKE" not in environ and "DATA_PATH" not in environ and not glob.glob(Hyperparameters().train_files):
-        print(f"smoke: no FineWeb shards under {Hyperparameters().data_path}; running the embedded default "
-              "(SMOKE=1). Download FineWeb with tools/download_fineweb.py for the real run.", flush=True)
+        print(f"smoke: no FineWeb under {Hyperparameters().data_path}: running the embedded default (SMOKE=1); "
+              "tools/download_fineweb.py gets FineWeb", flush=True)
         environ["SMOKE"] = "1"
     return environ
 
 def load_tokenizer(hp: Hyperparameters) -> Any:
-    path = bundled_file(hp.tokenizer_path) if hp.tokenizer_path == Hyperparameters().tokenizer_path else Path(hp.tokenizer_path)
+    path = bundled_file(hp.tokenizer_path)
     if not path.exists():
         raise ConfigError(f"TOKENIZER_PATH={hp.tokenizer_path!r} is not allowed: no such file")
     try:
@@ -2222,7 +2212,7 @@ def log_run_header(hp: Hyperparameters, runtime: Runtime) -> None:
     runtime.log(f"torch:{torch.__version__} python:{sys.version.split()[0]}")
     runtime.log(f"seed:{hp.seed}")
     if Path(hp.artifact_path).exists():
-        runtime.log(f"artifact: {hp.artifact_path} exists (an earlier run's) and will be replaced by this run's "
+        runtime.log(f"artifact: {hp.artifact_path} exists (an earlier run's); this run replaces it "
                     "(set ARTIFACT_PATH to keep it)")
 
 def log_model(hp: Hyperparameters, model: GPT, runtime: Runtime) -> None:
@@ -2231,18 +2221,15 @@ def log_model(hp: Hyperparameters, model: GPT, runtime: Runtime) -> None:
     runtime.log(f"world_size:{runtime.world_size} grad_accum_steps:{runtime.accum_steps}")
     backend = "flash_attention_3" if FLASH_ATTENTION_3 is not None else "sdpa"
     runtime.log(f"attention_backend:{backend} attention_mode:gqa num_heads:{hp.num_heads} num_kv_heads:{hp.num_kv_heads}")
-    runtime.log(f"tie_embeddings:True embed_lr:{hp.tied_embed_lr} head_lr:0.0 matrix_lr:{hp.matrix_lr} "
-                f"scalar_lr:{hp.scalar_lr} early_layers:{hp.early_layers} early_layers_lr_scale:{hp.early_layers_lr_scale} "
-                f"muon_eq_r:{int(hp.muon_eq_r)}")
+    runtime.log(f"tie_embeddings:True embed_lr:{hp.tied_embed_lr} head_lr:0.0 matrix_lr:{hp.matrix_lr} scalar_lr:{hp.scalar_lr}")
     runtime.log(f"train_batch_tokens:{hp.train_batch_tokens} train_seq_len:{hp.train_seq_len} "
                 f"iterations:{hp.iterations} warmup_steps:{hp.warmup_steps} "
                 f"max_wallclock_seconds:{hp.max_wallclock_seconds:.3f} safety_cap_seconds:{hp.safety_cap_seconds:.3f}")
 
 def explain_score(hp: Hyperparameters, score: EvalResult, runtime: Runtime) -> None:
     """For the embedded default: what the number means and what to expect."""
-    runtime.log(f"result: {score.bpb:.4f} bits per byte of held-out text (lower is better; a uniform guess over "
-                f"the {hp.vocab_size} pieces scores {math.log2(hp.vocab_size) * score.tokens / score.bytes:.2f}, "
-                f"the embedded default with SEED=1337 about {SMOKE_EXPECTED_BPB:.2f})")
+    runtime.log(f"result: {score.bpb:.4f} bits per byte of held-out text (lower is better; guessing uniformly "
+                f"scores {math.log2(hp.vocab_size) * score.tokens / score.bytes:.2f}; SEED=1337 gives {SMOKE_EXPECTED_BPB:.2f})")
 
 def run(hp: Hyperparameters, runtime: Runtime) -> int:
     """The whole run as phases; returns the exit status."""

@@ -81,7 +81,7 @@ def quick_corpus(tmp_path_factory, smoke_corpus) -> Path:
 def run_in_process(folder: Path, settings: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                    argv: list[str] | None = None) -> int:
     """run_cli in `folder` with exactly these settings in the environment (no leftovers)."""
-    for name in [spec.metadata["env"] for spec in fields(trainer.Hyperparameters)] + ["WORLD_SIZE", "RANK"]:
+    for name in [spec.name.upper() for spec in fields(trainer.Hyperparameters)] + ["WORLD_SIZE", "RANK"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
