@@ -392,10 +392,8 @@ class Runtime:
                 print(message, file=handle)
 
     def fail(self, message: str) -> None:
-        """A fatal error: to stderr, and to the log when it can still be written."""
-        if not self.is_main:
-            return
-        print(message, file=sys.stderr, flush=True)
+        """A fatal error: to stderr (from every rank), and to the log when it can still be written."""
+        print(message if self.is_main else f"rank {self.rank}: {message}", file=sys.stderr, flush=True)
         try:
             self.log(message, console=False)
         except OSError:
@@ -472,7 +470,7 @@ def check_writable(path: Path, variable: str) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as error:
-        raise ConfigError(f"{variable}={str(path)!r} is not allowed: cannot write there ({error.strerror})") from None
+        raise ConfigError(f"{variable}={str(path)!r} is not allowed: cannot write there ({error.strerror}: {error.filename})") from None
 
 class Progress:
     """Console lines with the time left, at most every `every` seconds, for long stretches."""
@@ -489,7 +487,7 @@ class Progress:
         elapsed = now - self.started
         left = elapsed / done * (self.total - done) if seconds_left is None else seconds_left
         if self.runtime.is_main:
-            print(f"  {self.label}: {done}/{self.total}, {elapsed:.0f}s so far, about {left:.0f}s left", flush=True)
+            print(f"  {self.label}: {done}/{self.total}, {elapsed:.0f}s so far, ~{left:.0f}s left", flush=True)
 
 
 # -----------------------------------------------------------------------------
@@ -1208,9 +1206,9 @@ LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 PACK_STEP_ONLY = ("strip_source", "pack_source", "unpack_source")  # left out of the shipped file, which never runs them
 
 def strip_source(source: str) -> str:
-    """The same program without comments, docstrings, function annotations (never
-    evaluated here: `from __future__ import annotations`) and the pack step's own
-    functions, the source hash filled in."""
+    """The same program without comments, docstrings, the annotations of functions and
+    their variables (never evaluated: `from __future__ import annotations`; dataclass
+    fields keep theirs) and the pack step's own functions, the source hash filled in."""
     import ast  # only the pack step needs it
 
     tree = ast.parse(source)
@@ -1225,6 +1223,11 @@ def strip_source(source: str) -> str:
             node.returns = None
             for argument in node.args.posonlyargs + node.args.args + node.args.kwonlyargs:
                 argument.annotation = None
+            for inner in ast.walk(node):  # `x: T = v` inside a function is just `x = v`
+                for _, statements in ast.iter_fields(inner):
+                    if isinstance(statements, list):
+                        statements[:] = [ast.Assign([st.target], st.value, lineno=0) if isinstance(st, ast.AnnAssign)
+                                         and st.value else st for st in statements]
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["SOURCE_SHA256"]:
             node.value = ast.Constant(hashlib.sha256(source.encode()).hexdigest())
     return ast.unparse(tree) + "\n"
@@ -1670,12 +1673,15 @@ def rank_share(items: list, runtime: Runtime) -> list:
     """A contiguous 1/world_size of the items."""
     return items[len(items) * runtime.rank // runtime.world_size : len(items) * (runtime.rank + 1) // runtime.world_size]
 
-def padded_rows(val_tokens: Tensor, starts: list[int], ends: list[int], rows: int, length: int) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) [rows, length] of tokens[start:end+1], zero-padded. Compiled runs
-    pad every batch to one shape, so a graph is never rebuilt for a short last batch."""
+def padded_rows(val_tokens: Tensor, starts: list[int], ends: list[int], rows: int, length: int,
+                runtime: Runtime) -> tuple[Tensor, Tensor]:
+    """(inputs, targets) [rows, length] on the device of tokens[start:end+1], zero-padded.
+    Compiled runs pad every batch to one shape, so a graph is never rebuilt for a short
+    last batch. The whole batch is copied at once (a contiguous, pinned copy never waits)."""
     batch = torch.zeros(rows, length + 1, dtype=torch.int64)
     for row, (start, end) in enumerate(zip(starts, ends)):
         batch[row, : end - start + 1] = val_tokens[start : end + 1]
+    batch = runtime.to_device(batch)
     return batch[:, :-1], batch[:, 1:]
 
 @torch.no_grad()
@@ -1688,12 +1694,12 @@ def evaluate_standard(model: GPT, val_tokens: Tensor, seq_len: int, batch_tokens
     token_nll = token_nll or model.token_nll
     score = ScoreSum(runtime, token_bytes)
     starts = rank_share(list(range(0, val_tokens.numel() - seq_len, seq_len)), runtime)
-    per_batch = max(1, batch_tokens // (seq_len * runtime.world_size))
+    per_batch = max(1, batch_tokens // (seq_len * runtime.world_size * runtime.accum_steps))  # as the record splits it
     positions = torch.arange(seq_len, device=runtime.device)
     for first in range(0, len(starts), per_batch):
         chunk = starts[first : first + per_batch]
         rows = per_batch if runtime.compile_enabled else len(chunk)
-        inputs, targets = (runtime.to_device(t) for t in padded_rows(val_tokens, chunk, [s + seq_len for s in chunk], rows, seq_len))
+        inputs, targets = padded_rows(val_tokens, chunk, [s + seq_len for s in chunk], rows, seq_len, runtime)
         with runtime.autocast():
             nll = token_nll(inputs, targets)
         ordinals = runtime.to_device(torch.tensor(chunk + [0] * (rows - len(chunk))))[:, None] + positions
@@ -1775,7 +1781,7 @@ def sliding_scores(model: GPT, val_tokens: Tensor, windows: list[Window], hp: Hy
     for first in range(0, len(windows), capacity):
         batch = windows[first : first + capacity]
         rows = capacity if runtime.compile_enabled else len(batch)
-        inputs, targets = (runtime.to_device(t) for t in padded_rows(val_tokens, [w.start for w in batch], [w.end for w in batch], rows, length))
+        inputs, targets = padded_rows(val_tokens, [w.start for w in batch], [w.end for w in batch], rows, length, runtime)
         starts, ends, firsts = (runtime.to_device(torch.tensor([w[k] for w in batch] + [0] * (rows - len(batch)))) for k in range(3))
         with torch.no_grad(), runtime.autocast():
             hidden = hidden_fn(inputs)
@@ -1818,14 +1824,6 @@ def evaluate_sliding(model: GPT, data: EvalData, hp: Hyperparameters, runtime: R
         param.requires_grad_(flag)
     return score.result()
 
-def ttt_chunks(hp: Hyperparameters, num_ordinals: int) -> list[list[Window]]:
-    """Each sliding window belongs to the chunk of its first scored ordinal."""
-    num_chunks = -(-num_ordinals // hp.ttt_chunk_tokens)
-    chunks: list[list[Window]] = [[] for _ in range(num_chunks)]
-    for window in sliding_windows(num_ordinals, hp.eval_seq_len, hp.eval_stride):
-        chunks[min(window.first // hp.ttt_chunk_tokens, num_chunks - 1)].append(window)
-    return chunks
-
 def ttt_scores(model: GPT, val_tokens: Tensor, hp: Hyperparameters, runtime: Runtime,
                progress: Progress | None = None) -> Iterator[ScoredBatch]:
     """Score-first test-time training on a copy of the model: each chunk's windows are
@@ -1833,7 +1831,9 @@ def ttt_scores(model: GPT, val_tokens: Tensor, hp: Hyperparameters, runtime: Run
     depends on a token after it. The caller's model is left unchanged."""
     model = copy.deepcopy(model)
     num_ordinals = val_tokens.numel() - 1
-    chunks = ttt_chunks(hp, num_ordinals)
+    chunks: list[list[Window]] = [[] for _ in range(-(-num_ordinals // hp.ttt_chunk_tokens))]
+    for window in sliding_windows(num_ordinals, hp.eval_seq_len, hp.eval_stride):  # by its first scored ordinal
+        chunks[min(window.first // hp.ttt_chunk_tokens, len(chunks) - 1)].append(window)
     frozen = tuple(f"blocks.{i}." for i in range(hp.ttt_freeze_blocks))
     params = []
     for name, param in model.named_parameters():
@@ -1842,21 +1842,24 @@ def ttt_scores(model: GPT, val_tokens: Tensor, hp: Hyperparameters, runtime: Run
             param.grad = torch.zeros_like(param)  # zeroed in place each batch, averaged as one set
             params.append(param)
     optimizer = torch.optim.SGD(params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-    runtime.log(f"ttt_sliding:start chunks={len(chunks)} chunk_tokens={hp.ttt_chunk_tokens} "
-                f"total_windows={sum(map(len, chunks))} stride={hp.eval_stride} ttt_lr={hp.ttt_lr} "
-                f"ttt_epochs={hp.ttt_epochs} freeze_blocks={hp.ttt_freeze_blocks}")
+    runtime.log(f"ttt_sliding:start chunks={len(chunks)} chunk_tokens={hp.ttt_chunk_tokens} stride={hp.eval_stride} "
+                f"ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs} freeze_blocks={hp.ttt_freeze_blocks} "
+                f"unfrozen={sum(p.numel() for p in params)} frozen={sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)}")
+    hidden_fn, train_forward = runtime.compile(model.forward_hidden), runtime.compile(model)
     for index, windows in enumerate(chunks):
         model.eval()
-        yield from sliding_scores(model, val_tokens, rank_share(windows, runtime), hp, runtime, slot=False)
+        yield from sliding_scores(model, val_tokens, rank_share(windows, runtime), hp, runtime, False, hidden_fn)
         if index < len(chunks) - 1:
             chunk_end = min((index + 1) * hp.ttt_chunk_tokens, num_ordinals)
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
-            train_on_chunk(model, params, optimizer, val_tokens, index * hp.ttt_chunk_tokens, chunk_end, lr, hp, runtime)
+            train_on_chunk(model, train_forward, params, optimizer, val_tokens, index * hp.ttt_chunk_tokens,
+                           chunk_end, lr, hp, runtime)
         if progress is not None:
             progress.update(index + 1)
 
-def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.optim.Optimizer, val_tokens: Tensor,
-                   chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters, runtime: Runtime) -> None:
+def train_on_chunk(model: GPT, train_forward: Callable, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+                   val_tokens: Tensor, chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters,
+                   runtime: Runtime) -> None:
     """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk).
 
     Batches are the same whatever the world size; each rank takes its share of every
@@ -1876,7 +1879,7 @@ def train_on_chunk(model: GPT, params: list[nn.Parameter], optimizer: torch.opti
             if mine:
                 rows = runtime.to_device(torch.stack([val_tokens[s : s + length + 1] for s in mine]))
                 with runtime.autocast():
-                    loss = model(rows[:, :-1], rows[:, 1:])
+                    loss = train_forward(rows[:, :-1], rows[:, 1:])
                 (loss * len(mine) * runtime.world_size / len(batch)).backward()
             runtime.mean_([param.grad for param in params])
             torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
@@ -1973,13 +1976,9 @@ class LateQAT:
         self.sharpness = torch.ones((), device=runtime.device)
         self.start_step: int | None = None
 
-    def switch_on(self) -> None:
+    def switch(self, on: bool) -> None:
         for layer in self.model.qat_layers():
-            layer.qat_sharpness = self.sharpness
-
-    def switch_off(self) -> None:
-        for layer in self.model.qat_layers():
-            layer.qat_sharpness = None
+            layer.qat_sharpness = self.sharpness if on else None
 
     def after_step(self, steps_done: int, lr_mul: float) -> None:
         """Called once `steps_done` steps have run, the last one at `lr_mul`."""
@@ -1988,7 +1987,7 @@ class LateQAT:
             if hp.late_qat_threshold <= 0 or lr_mul >= hp.late_qat_threshold or steps_done < hp.late_qat_min_step:
                 return
             self.start_step = steps_done
-            self.switch_on()
+            self.switch(True)
             self.runtime.log(f"late_qat:enabled step:{steps_done} scale:{lr_mul:.4f}")
         progress = min((steps_done - self.start_step) / QAT_RAMP_STEPS, 1.0)
         self.sharpness.fill_(1.0 + (QAT_FINAL_SHARPNESS - 1.0) * progress)
@@ -2057,10 +2056,10 @@ def warm_up_and_reset(hp: Hyperparameters, model: GPT, train_model: Callable, op
     sampler = make_sampler(hp, runtime)
     for step in range(hp.warmup_steps):
         if step == hp.warmup_steps - 1 and hp.late_qat_threshold > 0:
-            qat.switch_on()
+            qat.switch(True)
         train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
         runtime.log(f"warmup_step:{step + 1}/{hp.warmup_steps}")
-    qat.switch_off()
+    qat.switch(False)
     model.load_state_dict(initial_weights)
     for optimizer, state in zip(optimizers.all(), initial_states):
         optimizer.load_state_dict(state)
@@ -2123,7 +2122,7 @@ def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
             mean_loss = runtime.all_reduce_(loss.detach().clone()) / runtime.world_size
             runtime.log(f"step:{step}/{hp.iterations} train_loss:{mean_loss.item():.4f} "
                         f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")
-        progress.update(step, min((hp.iterations - step) * elapsed_ms / step, stop_ms - elapsed_ms) / 1000.0)
+        progress.update(step, max(min((hp.iterations - step) * elapsed_ms / step, stop_ms - elapsed_ms), 0.0) / 1000.0)
         if signal is not None:
             flagged_step, not_finite, cap_reached = signal
             if not_finite:
@@ -2136,7 +2135,7 @@ def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
                     f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
     runtime.log("ema:applying EMA weights")
     ema.copy_to_model()
-    qat.switch_off()
+    qat.switch(False)
     result = evaluate_standard(model, data.val_tokens, hp.train_seq_len, hp.val_batch_size, data.token_bytes, runtime,
                                validation_nll)
     runtime.log(f"DIAGNOSTIC post_ema val_loss:{result.loss:.4f} val_bpb:{result.bpb:.4f} eval_time:{1000 * result.seconds:.0f}ms")

@@ -34,7 +34,7 @@ def test_a_quick_run_writes_a_self_describing_log(quick, tmp_path, capsys):
     assert log.startswith(f"code: source_sha256:{source_hash[:16]} shipped_sha256:{shipped_hash[:16]}\nsettings_changed: ")
     assert "SEED=7" in log.splitlines()[1]
     assert re.search(r"^final_score final_int6_sliding_window_exact val_bpb:[\d.]+ slot:window legal:yes", log, re.MULTILINE)
-    assert f"Code size: {len((ROOT / 'train_gpt.py').read_bytes())} bytes" in log
+    assert f"Code size: {trainer.shipped_code_bytes()} bytes" in log
     assert f"artifact: {tmp_path / 'final_model.int6.ptz'}" in out and f"log: {tmp_path / 'logs'}" in out
     assert re.search(r"^result: [\d.]+ bits per byte of held-out text \(lower is better; guessing uniformly scores [\d.]+; SEED=1337 gives", out, re.MULTILINE)
 
@@ -45,6 +45,7 @@ def final_lines(output: str) -> list[str]:
     return [re.sub(r"(eval_time|train_time|step_avg|eval_total_time):[\d.]+ms", "", line) for line in lines]
 
 
+@pytest.mark.packed
 def test_the_shipped_file_behaves_like_the_source(quick, tmp_path, quick_corpus, capsys):
     settings = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
     status, log = quick(**settings)

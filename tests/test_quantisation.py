@@ -223,6 +223,7 @@ def test_over_the_size_limit_is_exactly_one_byte_past_16mb():
     assert fits.total_bytes == 16_000_000 and not fits.over_limit and over.over_limit
 
 
+@pytest.mark.packed
 def test_shipped_file_is_the_packed_source_and_counts_its_own_bytes():
     source = (ROOT / "src" / "trainer.py").read_text()
     shipped = (ROOT / "train_gpt.py").read_text()
@@ -235,12 +236,14 @@ def test_shipped_file_is_the_packed_source_and_counts_its_own_bytes():
 
 
 def test_strip_source_keeps_the_code_and_drops_docs_and_annotations():
-    source = ('"""doc"""\nfrom __future__ import annotations\nSOURCE_SHA256 = ""\ndef f(x: int) -> int:\n'
-              '    """doc"""\n    return x  # note\nclass C:\n    """only a doc"""\n')
+    source = ('"""doc"""\nfrom __future__ import annotations\nimport dataclasses\nSOURCE_SHA256 = ""\n'
+              'def f(x: int) -> int:\n    """doc"""\n    y: int = x  # note\n    return y\nclass C:\n    """only a doc"""\n'
+              '@dataclasses.dataclass\nclass D:\n    size: float = 2.0\n')
     stripped = trainer.strip_source(source)
     namespace: dict = {}
     exec(stripped, namespace)
     assert namespace["f"](3) == 3 and "doc" not in stripped and "note" not in stripped and "int" not in stripped
+    assert namespace["D"]().size == 2.0 and "size: float" in stripped  # a dataclass keeps its fields
     assert namespace["SOURCE_SHA256"] == trainer.hashlib.sha256(source.encode()).hexdigest()
 
 

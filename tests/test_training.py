@@ -62,7 +62,7 @@ def test_late_qat_switches_on_below_the_threshold_and_ramps_its_sharpness():
         qat.after_step(steps_done, lr_mul)
         sharpness[steps_done] = float(qat.sharpness)
     assert sharpness == pytest.approx({122: 1 + 15 / 500, 371: 8.5, 621: 16.0, 900: 16.0})
-    qat.switch_off()
+    qat.switch(False)
     assert all(layer.qat_sharpness is None for layer in model.qat_layers())
 
 

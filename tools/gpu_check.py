@@ -21,6 +21,7 @@ uses PyTorch's attention, as this trainer does without FlashAttention-3.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -154,6 +155,14 @@ def measure_step_split(hp: trainer.Hyperparameters, model: trainer.GPT, runtime:
     return {name: value / steps for name, value in totals.items()}
 
 
+def warm_every_mode(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData, runtime: trainer.Runtime) -> None:
+    """Evaluate a few batches in every SLOT mode, so no timing or sync count includes compiling."""
+    short = dataclasses.replace(data, val_tokens=data.val_tokens[: hp.eval_seq_len + hp.eval_batch_seqs * hp.eval_stride + 1])
+    for mode in SLOT_MODES:
+        settings = dataclasses.replace(hp, slot_mode=mode if mode != "off" else hp.slot_mode)
+        trainer.evaluate_sliding(model, short, settings, runtime, slot=mode != "off")
+
+
 def count_host_syncs(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData,
                      runtime: trainer.Runtime) -> dict | None:
     """Synchronising calls in a few training steps and one evaluation batch per SLOT mode,
@@ -163,6 +172,8 @@ def count_host_syncs(hp: trainer.Hyperparameters, model: trainer.GPT, data: trai
     optimizers, sampler = trainer.build_optimizers(hp, model, runtime), trainer.make_sampler(hp, runtime)
     train_model = runtime.compile(model)
     short = dataclasses.replace(data, val_tokens=data.val_tokens[: hp.eval_seq_len + hp.eval_batch_seqs * hp.eval_stride + 1])
+    trainer.train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)  # compiled before counting
+    warm_every_mode(hp, model, data, runtime)
     found: dict[str, list[str]] = {}
     for phase in ("train_step", *SLOT_MODES):
         with warnings.catch_warnings(record=True) as caught:
@@ -183,8 +194,7 @@ def measure_evaluation(hp: trainer.Hyperparameters, model: trainer.GPT, data: tr
                        runtime: trainer.Runtime, tokens: int) -> dict:
     """Every SLOT mode on the same slice of validation tokens: BPB, seconds, tokens/s."""
     sliced = dataclasses.replace(data, val_tokens=data.val_tokens[: tokens + 1])
-    trainer.evaluate_sliding(model, dataclasses.replace(sliced, val_tokens=sliced.val_tokens[: hp.eval_seq_len * 2 + 1]),
-                             hp, runtime, slot=True)  # compile outside the timing
+    warm_every_mode(hp, model, data, runtime)
     results = {}
     for mode in SLOT_MODES:
         settings = dataclasses.replace(hp, slot_mode=mode if mode != "off" else hp.slot_mode)
@@ -214,14 +224,17 @@ def run_reference(script: Path, hp: trainer.Hyperparameters, runtime: trainer.Ru
     stand_in = out / "reference_stand_in"
     stand_in.mkdir(exist_ok=True)
     (stand_in / "flash_attn_interface.py").write_text(FLASH_ATTENTION_STAND_IN)
-    environ = {**os.environ, **REFERENCE_SETTINGS, "DATA_PATH": hp.data_path,
+    environ = {**os.environ, **REFERENCE_SETTINGS, "DATA_PATH": str(Path(hp.data_path).resolve()),
                "TOKENIZER_PATH": str(trainer.bundled_file(hp.tokenizer_path)), "ITERATIONS": str(hp.iterations),
                "WARMUP_STEPS": str(hp.warmup_steps), "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
                "TRAIN_BATCH_TOKENS": str(hp.train_batch_tokens), "TRAIN_SEQ_LEN": str(hp.train_seq_len),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={runtime.world_size}", str(script.resolve())]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=out, env=environ, capture_output=True, text=True, timeout=timeout)
+    try:
+        result = subprocess.run(command, cwd=out, env=environ, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as expired:
+        return {"exit_status": None, "timed_out_after_seconds": timeout, "output_tail": str(expired.stdout or "")[-2000:]}
     (out / "reference_output.txt").write_text(result.stdout + result.stderr)
     numbers = {"exit_status": result.returncode, "wall_seconds": time.perf_counter() - started}
     patterns = {"ms_per_step": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:\S+ train_time:\S+ step_avg:([\d.]+)ms",
@@ -292,16 +305,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(runtime), "settings": dataclasses.asdict(hp)}
-    report["training"], model = measure_training(hp, data, runtime, args.repeats)
-    report["step_split_ms"] = measure_step_split(hp, model, runtime, args.split_steps)
-    report["host_syncs"] = count_host_syncs(hp, model, data, runtime)
+
+    def save() -> None:  # after every phase: a later failure or timeout keeps what was measured
+        if runtime.is_main:
+            trainer.write_atomic(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str).encode())
+
+    # the loop validates on a slice: the whole FineWeb validation set would dominate the time
+    loop_data = dataclasses.replace(data, val_tokens=data.val_tokens[: args.eval_tokens + 1])
+    report["training"], model = measure_training(hp, loop_data, runtime, args.repeats)
+    save()
+    # the extra steps run on copies, so the artifact and scores are the loop's model
+    report["step_split_ms"] = measure_step_split(hp, copy.deepcopy(model), runtime, args.split_steps)
+    report["host_syncs"] = count_host_syncs(hp, copy.deepcopy(model), data, runtime)
+    save()
     report["artifact"] = measure_artifact(hp, model, runtime, args.out)
     quantized = trainer.load_quantized_model(model.config, args.out / "gpu_check.int6.ptz", runtime)
     report["evaluation"] = measure_evaluation(hp, quantized, data, runtime, args.eval_tokens)
+    save()
     if args.reference and runtime.is_main:
         report["reference"] = run_reference(args.reference, hp, runtime, args.out, args.reference_timeout)
+        save()
     if runtime.is_main:
-        trainer.write_atomic(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str).encode())
         trainer.write_atomic(args.out / "gpu_check.md", table(report).encode())
         print(table(report))
     runtime.close()
