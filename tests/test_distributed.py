@@ -72,6 +72,9 @@ def two_rank_job(rank: int) -> dict[str, object]:
     runtime = trainer.start_runtime(hp)
     trainer.open_run_files(hp, runtime)
     results: dict[str, object] = {"status": trainer.run(hp, runtime), "muon": run_muon(runtime)}
+    # one rank hits the cap, the other sees a non-finite loss: both must stop, for both reasons
+    loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+    results["stop_flags"] = trainer.StopSignals(runtime).push(7, loss, cap_reached=rank == 0)
     results.update(all_evaluations(runtime))
     runtime.reduce_scatter_works = False
     results["muon_fallback"] = run_muon(runtime)
@@ -94,6 +97,10 @@ def test_sharded_muon_equals_one_process(two_ranks, key):
     for rank_result in two_ranks[1]:
         for ours, expected in zip(rank_result[key], single):
             assert torch.allclose(ours, expected, atol=2e-6), (ours - expected).abs().max()
+
+
+def test_ranks_agree_on_stopping(two_ranks):
+    assert [r["stop_flags"] for r in two_ranks[1]] == [(7, True, True), (7, True, True)]
 
 
 def test_two_ranks_score_as_one_process(two_ranks):

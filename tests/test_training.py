@@ -32,6 +32,8 @@ def test_momentum_warms_up_linearly():
     assert trainer.muon_momentum_at(hp, 0) == 0.92
     assert trainer.muon_momentum_at(hp, 750) == pytest.approx(0.955)
     assert trainer.muon_momentum_at(hp, 1500) == trainer.muon_momentum_at(hp, 5000) == 0.99
+    no_warmup = trainer.Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "0"})
+    assert trainer.muon_momentum_at(no_warmup, 0) == 0.99
 
 
 def test_ema_follows_its_formula():
