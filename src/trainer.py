@@ -1552,6 +1552,9 @@ def export_artifact(hp: Hyperparameters, model: GPT, runtime: Runtime) -> Artifa
     runtime.log(f"gptq:calibrated {len(hessians)} layer inputs in {time.perf_counter() - started:.1f}s")
     state = {name: tensor.detach() for name, tensor in model.state_dict().items()}
     tensors, schemes, gptq_count = quantize_state(hp, state, hessians, runtime)
+    for name, tensor in tensors.items():  # finite in float32 is not enough: fp16 ends at 65504
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise RunFailure(f"the trained weights do not fit the artifact ({name} overflows float16); nothing was exported")
     runtime.log(f"gptq_quantize: {gptq_count} GPTQ layers, {sum(s == 'int6' for s in schemes.values()) - gptq_count} "
                 f"naive layers, {time.perf_counter() - started:.1f}s in all")
     path = Path(hp.artifact_path)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import trainer
-from conftest import TOKENIZER
+from conftest import TOKENIZER, tiny_hp
 
 
 def test_shard_round_trip_leaves_no_temporary_file(tmp_path):
@@ -45,6 +45,15 @@ def test_token_ids_beyond_the_vocabulary_name_the_shard(tmp_path):
     with pytest.raises(trainer.DataError, match=r"fineweb_val_000001.bin: holds token ids >= VOCAB_SIZE=1024"):
         trainer.load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 2, 1024, trainer.Runtime())
     assert trainer.load_validation_tokens(str(tmp_path / "fineweb_val_000000.bin"), 2, 1024, trainer.Runtime()).tolist() == [1, 5, 1023]
+
+
+def test_a_training_shard_beyond_the_vocabulary_stops_the_run_at_start(tmp_path):
+    trainer.write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(1, 600) % 1024)
+    trainer.write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(1, 600) % 1024)
+    trainer.write_shard(tmp_path / "fineweb_train_000001.bin", np.array([1, 5, 2000] * 200))
+    hp = tiny_hp(DATA_PATH=str(tmp_path), TOKENIZER_PATH=str(TOKENIZER))
+    with pytest.raises(trainer.DataError, match=r"fineweb_train_000001.bin: holds token ids >= VOCAB_SIZE=1024"):
+        trainer.load_data(hp, trainer.Runtime())
 
 
 def test_missing_shards_say_where_they_were_looked_for(tmp_path):

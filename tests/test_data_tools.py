@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 
 import build_proxy_corpus
 import download_fineweb
@@ -114,8 +115,97 @@ def test_export_reads_jsonl_and_text_files(tmp_path):
 
 def test_html_stripping_keeps_prose_only():
     markup = """<html><head><title>T</title><style>p {color: red}</style></head><body>
-      <nav>Home | Next</nav><h1>Chapter&nbsp;1</h1><p>The <b>quick</b> brown fox &amp; friends.</p>
+      <nav>Home | Next</nav><h1>Chapter&nbsp;1</h1><p>The <b>quick</b> brown fox &amp; <code>friends</code>.</p>
       <pre>code = 1</pre><script>alert(1)</script><ul><li>One</li><li>Two</li></ul></body></html>"""
     text = build_proxy_corpus.html_to_text(markup)
     assert text == "Chapter\xa01\n\nThe quick brown fox & friends.\n\nOne\n\nTwo"  # blocks apart, one blank line between
     assert "alert" not in text and "color" not in text and "code = 1" not in text and "Home" not in text
+
+
+BOILERPLATE = "This function is available on every platform the manual covers."
+
+
+def manual_page(title: str, sentences: int) -> str:
+    body = "".join(f"<p>{title} sentence number {i} explains one more detail of it.</p>" for i in range(sentences))
+    return f"<html><body><h1>{title}</h1><p>{BOILERPLATE}</p><p>Examples</p>{body}</body></html>"
+
+
+@pytest.fixture
+def manuals(tmp_path, monkeypatch):
+    """Two fake installed manuals, one of them with a page the source skips."""
+    for package, pages in (("alpha-doc", 30), ("beta-doc", 20)):
+        for i in range(pages):
+            page = tmp_path / "usr" / package / f"chapter{i:02d}.html"
+            page.parent.mkdir(parents=True, exist_ok=True)
+            page.write_text(manual_page(f"{package} chapter {i}", 8 if i else 1))  # page 0 is too short
+    (tmp_path / "usr" / "alpha-doc" / "genindex.html").write_text(manual_page("index", 20))
+    sources = (build_proxy_corpus.Source("alpha-doc", str(tmp_path / "usr" / "alpha-doc"), ("genindex",)),
+               build_proxy_corpus.Source("beta-doc", str(tmp_path / "usr" / "beta-doc")),
+               build_proxy_corpus.Source("not-installed", str(tmp_path / "usr" / "missing")))
+    monkeypatch.setattr(build_proxy_corpus, "VAL_PER_MILLE", 200)
+    return sources
+
+
+def test_extract_keeps_each_long_line_once_and_holds_out_fixed_pages(tmp_path, manuals):
+    text_file = tmp_path / "proxy.jsonl.xz"
+    summary = build_proxy_corpus.extract(manuals, text_file, workers=1)
+    documents = build_proxy_corpus.read_text_file(text_file)
+    keys = [d["key"] for d in documents]
+    assert keys == [f"alpha-doc/chapter{i:02d}.html" for i in range(1, 30)] + [f"beta-doc/chapter{i:02d}.html" for i in range(1, 20)]
+    assert sum(d["text"].count(BOILERPLATE) for d in documents) == 1  # on the first page kept, never again
+    assert all(d["text"].count("Examples") == 1 for d in documents)  # short lines may repeat
+    assert [d["split"] == "val" for d in documents] == [build_proxy_corpus.is_validation(k) for k in keys]
+    assert 0 < sum(d["split"] == "val" for d in documents) < len(documents)
+    assert summary["documents"] == len(documents) and summary["compressed_bytes"] == text_file.stat().st_size
+    first = text_file.read_bytes()
+    build_proxy_corpus.extract(manuals, text_file, workers=2)
+    assert text_file.read_bytes() == first  # the same manuals give the same file, whatever the workers
+
+
+def test_tokenize_gives_the_same_checksummed_shards_with_any_number_of_workers(tmp_path, manuals, tokenizer):
+    text_file = tmp_path / "proxy.jsonl.xz"
+    build_proxy_corpus.extract(manuals, text_file, workers=1)
+    manifests = [build_proxy_corpus.tokenize(text_file, TOKENIZER, tmp_path / f"out{workers}", workers, shard_tokens=1500)
+                 for workers in (1, 2)]
+    assert manifests[0]["tokens_sha256"] == manifests[1]["tokens_sha256"]
+    assert [f["sha256"] for f in manifests[0]["files"]] == [f["sha256"] for f in manifests[1]["files"]]
+    documents = build_proxy_corpus.read_text_file(text_file)
+    for split in ("val", "train"):
+        files = sorted((tmp_path / "out1").glob(f"fineweb_{split}_*.bin"))
+        tokens = np.concatenate([np.asarray(trainer.read_shard(f)) for f in files])
+        pieces = np.split(tokens, np.flatnonzero(tokens == trainer.BOS_ID))[1:]
+        decoded = sorted(tokenizer.decode(p[1:].tolist()) for p in pieces)  # the tokenizer turns newlines into spaces
+        assert decoded == sorted(" ".join(d["text"].split()) for d in documents if d["split"] == split)
+        assert manifests[0]["tokens"][split] == tokens.size
+    assert len([f for f in manifests[0]["files"] if f["file"].startswith("fineweb_train")]) > 1
+    first_shard = tokenizer.decode(np.asarray(trainer.read_shard(tmp_path / "out1" / "fineweb_train_000000.bin")).tolist())
+    assert "alpha-doc" in first_shard and "beta-doc" in first_shard  # training pages are shuffled across the manuals
+    assert build_proxy_corpus.verify(tmp_path / "out1") == manifests[0]
+
+
+def test_verify_finds_a_changed_shard_and_tokenize_never_mixes_corpora(tmp_path, manuals, capsys):
+    text_file = tmp_path / "proxy.jsonl.xz"
+    build_proxy_corpus.extract(manuals, text_file, workers=1)
+    out = tmp_path / "out"
+    build_proxy_corpus.tokenize(text_file, TOKENIZER, out, 1)
+    shard = out / "fineweb_train_000000.bin"
+    tokens = np.asarray(trainer.read_shard(shard)).copy()
+    tokens[-1] = (tokens[-1] + 1) % 1024
+    trainer.write_shard(shard, tokens)
+    with pytest.raises(build_proxy_corpus.CorpusError, match="fineweb_train_000000.bin: does not match manifest.json"):
+        build_proxy_corpus.verify(out)
+    assert build_proxy_corpus.main(["tokenize", "--text-file", str(text_file), "--out", str(out)]) == 1
+    assert "already holds shards" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "no such file"), (b"not xz", "not a proxy text file"),
+    (lzma.compress(b'{"key": "a", "text": "t"}\n'), "not a proxy text file"),
+])
+def test_a_bad_text_file_is_one_line(tmp_path, capsys, content, message):
+    text_file = tmp_path / "proxy.jsonl.xz"
+    if content is not None:
+        text_file.write_bytes(content)
+    assert build_proxy_corpus.main(["tokenize", "--text-file", str(text_file), "--out", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {text_file}: {message}") and error.count("\n") == 1

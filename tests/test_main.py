@@ -27,9 +27,10 @@ def quick(tmp_path, quick_corpus, monkeypatch):
 
 
 def test_a_quick_run_writes_a_self_describing_log(quick, tmp_path, capsys):
-    status, log = quick(SEED="7")
+    status, log = quick(SEED="7", SLOT_STEP="4")
     out = capsys.readouterr().out
     assert status == 0
+    assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in log.splitlines()[2:4]
     source_hash, shipped_hash = trainer.running_code()
     assert log.startswith(f"code: source_sha256:{source_hash[:16]} shipped_sha256:{shipped_hash[:16]}\nsettings_changed: ")
     assert "SEED=7" in log.splitlines()[1]
@@ -118,6 +119,15 @@ def test_non_finite_weights_are_never_exported(quick, monkeypatch, tmp_path, cap
     status, log = quick()
     assert status == 1 and "error: the trained weights hold NaN or infinite values" in capsys.readouterr().err
     assert not (tmp_path / "final_model.int6.ptz").exists() and "error: the trained weights" in log
+
+
+def test_weights_that_overflow_float16_are_never_exported(quick, monkeypatch, tmp_path, capsys):
+    (tmp_path / "final_model.int6.ptz").write_bytes(b"an earlier run's artifact")
+    monkeypatch.setattr(trainer.ExponentialMovingAverage, "copy_to_model", lambda self: self.params[0].data.fill_(1e6))
+    status, log = quick()
+    message = "error: the trained weights do not fit the artifact (skip_weights overflows float16)"
+    assert status == 1 and message in capsys.readouterr().err and log.splitlines()[-1].startswith(message)
+    assert (tmp_path / "final_model.int6.ptz").read_bytes() == b"an earlier run's artifact"
 
 
 def test_a_non_finite_score_is_a_failure(quick, monkeypatch, capsys):
