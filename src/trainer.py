@@ -829,8 +829,8 @@ class QATLinear(nn.Module):
     """A bias-free linear layer that late QAT can switch to fake-quantised weights.
 
     Initialised orthogonal: the reference declares these projections zero, but its
-    init pass then makes every linear layer orthogonal, and a zero projection behind a
-    zero table would never receive a gradient.
+    init pass then makes every linear layer with both sides >= 64 orthogonal (at its
+    sizes, these two), and a zero projection behind a zero table never gets a gradient.
     """
 
     def __init__(self, in_features: int, out_features: int):
@@ -1268,11 +1268,11 @@ def shipped_code_bytes() -> int:
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
 
 def row_scales(weight: Tensor, quantile: float, clip_range: int, floor: bool) -> Tensor:
-    """fp16 per-row scales putting the row's |w| quantile on the grid edge."""
+    """float32 per-row scales putting the row's |w| quantile on the grid edge, inside fp16's
+    range (stored as fp16, a scale is never 0 or inf)."""
     magnitude = weight.abs()
     clip = magnitude.amax(dim=1) if quantile >= 1.0 else torch.quantile(magnitude, quantile, dim=1)
-    # Without the floor, kept inside fp16's range so a scale is never 0 or inf.
-    return (clip / clip_range).clamp(1.0 / clip_range if floor else 2.0**-24, 65504.0).to(torch.float16)
+    return (clip / clip_range).clamp(1.0 / clip_range if floor else 2.0**-24, 65504.0)
 
 def round_to_grid(weight: Tensor, scale: Tensor, clip_range: int) -> Tensor:
     return torch.clamp(torch.round(weight / scale.float()[:, None]), -clip_range, clip_range).to(torch.int8)
@@ -1291,12 +1291,12 @@ def hessian_error(weight: Tensor, q: Tensor, scale: Tensor, hessian: Tensor) -> 
 def quantize_rows_int6(weight: Tensor, clip_range: int = 31, floor: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row rounding; the clip quantile with the lowest squared error wins."""
     candidates = [(round_to_grid(weight, scale, clip_range), scale)
-                  for scale in (row_scales(weight, quantile, clip_range, floor) for quantile in CLIP_QUANTILES)]
+                  for scale in (row_scales(weight, quantile, clip_range, floor).half() for quantile in CLIP_QUANTILES)]
     return min(candidates, key=lambda candidate: squared_error(weight, *candidate))
 
 def quantize_rows_int8(weight: Tensor, floor: bool = True, quantile: float = 0.9999984) -> tuple[Tensor, Tensor]:
-    scale = row_scales(weight, quantile, 127, floor)
-    return round_to_grid(weight, scale, 127), scale
+    scale = row_scales(weight, quantile, 127, floor)  # as the record: rounded with the float32 scale, stored as fp16
+    return round_to_grid(weight, scale, 127), scale.half()
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31, block_size: int = 128,
                   fine: bool = False) -> tuple[Tensor, Tensor, bool]:
@@ -1324,7 +1324,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31, block_s
     inverse_order = torch.argsort(order)
     candidates = []
     for quantile in CLIP_QUANTILES:
-        scale = row_scales(weight, quantile, clip_range, floor=not fine)
+        scale = row_scales(weight, quantile, clip_range, floor=not fine).half()
         candidates.append((gptq_columns(permuted_w, upper, scale, clip_range, block_size)[:, inverse_order], scale))
     error = (lambda c: hessian_error(weight, *c, hessian)) if fine else (lambda c: squared_error(weight, *c))
     return (*min(candidates, key=error), True)
@@ -1680,14 +1680,16 @@ def rank_share(items: list, runtime: Runtime) -> list:
 
 def padded_rows(val_tokens: Tensor, starts: list[int], ends: list[int], rows: int, length: int,
                 runtime: Runtime) -> tuple[Tensor, Tensor]:
-    """(inputs, targets) [rows, length] on the device of tokens[start:end+1], zero-padded.
-    Compiled runs pad every batch to one shape, so a graph is never rebuilt for a short
-    last batch. The whole batch is copied at once (a contiguous, pinned copy never waits)."""
-    batch = torch.zeros(rows, length + 1, dtype=torch.int64)
+    """(inputs, targets) [rows, length] on the device: tokens[start:end] and the tokens one
+    later, zero-padded after end - start (as the record pads its short windows, which
+    shared SLOT fits on). Compiled runs pad every batch to one shape, so a graph is never
+    rebuilt for a short last batch. Both are copied at once (a pinned copy never waits)."""
+    batch = torch.zeros(2, rows, length, dtype=torch.int64)
     for row, (start, end) in enumerate(zip(starts, ends)):
-        batch[row, : end - start + 1] = val_tokens[start : end + 1]
+        batch[0, row, : end - start] = val_tokens[start:end]
+        batch[1, row, : end - start] = val_tokens[start + 1 : end + 1]
     batch = runtime.to_device(batch)
-    return batch[:, :-1], batch[:, 1:]
+    return batch[0], batch[1]
 
 @torch.no_grad()
 def evaluate_standard(model: GPT, val_tokens: Tensor, seq_len: int, batch_tokens: int, token_bytes: TokenBytes,

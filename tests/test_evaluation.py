@@ -238,7 +238,7 @@ def test_shared_mode_is_the_references_slot(byte_table, world_size):
                                             hp, trainer.Runtime(), slot=True):
             score.add(batch)
     expected = reference_slot_bpb(model, tokens, byte_table, 64, 16, 4, world_size, 3, 0.05)
-    assert score.result().bpb == pytest.approx(expected, rel=1e-6)
+    assert score.result().bpb == pytest.approx(expected, rel=1e-9)  # the same up to the order of float64 sums
 
 
 def test_sliding_evaluation_restores_the_trainable_flags(byte_table):

@@ -42,6 +42,17 @@ def test_scale_floor_binds_below_one_unless_fine():
     assert trainer.quantize_rows_int8(weight, floor=False)[1].float()[0] == pytest.approx(0.5 / 127, rel=1e-3)
 
 
+def test_int8_rows_round_with_the_float32_scale_and_store_it_as_fp16():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 2048) * 3.0
+    clip = torch.quantile(weight.abs(), 0.9999984, dim=1).clamp_min(1.0)  # the record's quantile and 1/127 floor
+    expected = torch.clamp(torch.round(weight / (clip / 127)[:, None]), -127, 127).to(torch.int8)
+    q, scale = trainer.quantize_rows_int8(weight)
+    assert torch.equal(q, expected) and torch.equal(scale, (clip / 127).half())
+    rounded_with_fp16 = torch.clamp(torch.round(weight / scale.float()[:, None]), -127, 127).to(torch.int8)
+    assert not torch.equal(q, rounded_with_fp16)  # the two roundings really differ on such rows
+
+
 def test_small_rows_keep_their_resolution_only_with_fine_scales():
     weight = torch.randn(8, 64) * 0.02  # max well below 1: the floor coarsens the whole row
     coarse = trainer.dequantize_rows(*trainer.quantize_rows_int6(weight))
