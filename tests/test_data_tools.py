@@ -180,7 +180,9 @@ def test_tokenize_gives_the_same_checksummed_shards_with_any_number_of_workers(t
     assert len([f for f in manifests[0]["files"] if f["file"].startswith("fineweb_train")]) > 1
     first_shard = tokenizer.decode(np.asarray(trainer.read_shard(tmp_path / "out1" / "fineweb_train_000000.bin")).tolist())
     assert "alpha-doc" in first_shard and "beta-doc" in first_shard  # training pages are shuffled across the manuals
-    assert build_proxy_corpus.verify(tmp_path / "out1") == manifests[0]
+    assert build_proxy_corpus.verify(tmp_path / "out1", expected=manifests[1]["tokens_sha256"]) == manifests[0]
+    with pytest.raises(build_proxy_corpus.CorpusError, match="is not the expected 0123"):
+        build_proxy_corpus.verify(tmp_path / "out1", expected="0123")
 
 
 def test_verify_finds_a_changed_shard_and_tokenize_never_mixes_corpora(tmp_path, manuals, capsys):

@@ -3,7 +3,7 @@
     python tools/build_proxy_corpus.py all --install        # apt-get the manuals, extract, tokenise
     python tools/build_proxy_corpus.py extract               # manuals -> data/proxy/proxy_text.jsonl.xz
     python tools/build_proxy_corpus.py tokenize --workers 16 # that file -> data/datasets/proxy_sp1024
-    python tools/build_proxy_corpus.py verify                # shards == the checksums in their manifest
+    python tools/build_proxy_corpus.py verify [--expect SHA] # shards == their manifest (== another machine's)
 
 Two steps, so a machine without network can have the corpus: `extract` (where Debian's
 packages can be installed) turns the HTML manuals into one deterministic xz-compressed
@@ -83,7 +83,6 @@ SOURCES = (
     Source("erlang-doc", "/usr/share/doc/erlang-doc"),
     Source("libboost1.74-doc", "/usr/share/doc/libboost1.74-doc"),
     Source("sqlite3-doc", "/usr/share/doc/sqlite3"),
-    Source("vim-doc", "/usr/share/doc/vim/html"),
     Source("kicad-doc-en", "/usr/share/doc/kicad/help/en"),
     Source("gnucash-docs", "/usr/share/doc/gnucash-docs", ("-de/", "-it/", "-ja/", "-pt/")),
 )
@@ -286,8 +285,9 @@ def tokenize(text_file: Path, tokenizer: Path, out_dir: Path, workers: int, shar
     return manifest
 
 
-def verify(out_dir: Path) -> dict:
-    """Check every shard against the manifest's sums; raise CorpusError on the first difference."""
+def verify(out_dir: Path, expected: str | None = None) -> dict:
+    """Check every shard against the manifest's sums, and the sum over all of them against
+    `expected` (another machine's tokens_sha256) when given; CorpusError on a difference."""
     try:
         manifest = json.loads((out_dir / "manifest.json").read_text())
         files = manifest["files"]
@@ -299,6 +299,9 @@ def verify(out_dir: Path) -> dict:
             raise CorpusError(f"{path}: does not match manifest.json (missing, changed or truncated)")
     if tokens_sha256(files) != manifest["tokens_sha256"]:
         raise CorpusError(f"{out_dir}/manifest.json: tokens_sha256 does not match its own file list")
+    if expected is not None and manifest["tokens_sha256"] != expected:
+        raise CorpusError(f"{out_dir}: tokens_sha256 {manifest['tokens_sha256']} is not the expected {expected} "
+                          "(another text file, tokenizer or sentencepiece version)")
     return manifest
 
 
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=OUT_DIR)
     parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    parser.add_argument("--expect", help="verify: the tokens_sha256 another machine printed")
     args = parser.parse_args(argv)
     try:
         if args.install:
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"in {len(manifest['files'])} shards in {args.out}, {manifest['seconds']:.0f}s; "
                   f"tokens_sha256 {manifest['tokens_sha256']}")
         if args.command == "verify":
-            manifest = verify(args.out)
+            manifest = verify(args.out, args.expect)
             print(f"verify: {len(manifest['files'])} shards match; tokens_sha256 {manifest['tokens_sha256']}")
     except CorpusError as error:
         print(f"error: {error}", file=sys.stderr)
