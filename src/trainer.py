@@ -26,6 +26,7 @@ import base64
 import copy
 import dataclasses
 import difflib
+import functools
 import glob
 import hashlib
 import json
@@ -1248,17 +1249,14 @@ def unpack_source(packed: str) -> str:
     return lzma.decompress(base64.b85decode(encoded), format=lzma.FORMAT_RAW,
                            filters=[{"id": lzma.FILTER_LZMA2}]).decode()
 
-def running_code() -> tuple[str, str]:
-    """(readable source sha256, shipped file sha256) of the code now running, either form."""
+@functools.cache
+def running_code() -> tuple[str, str, int]:
+    """(readable source sha256, shipped file sha256, shipped file bytes) of the code now
+    running, either form (packing the readable source once per process)."""
     text = Path(__file__).read_text(encoding="utf-8")
-    if text.startswith(PACKED_HEADER):
-        return SOURCE_SHA256, hashlib.sha256(text.encode()).hexdigest()
-    return hashlib.sha256(text.encode()).hexdigest(), hashlib.sha256(pack_source(text).encode()).hexdigest()
-
-def shipped_code_bytes() -> int:
-    """Bytes of the shipped train_gpt.py, also when running from the readable source."""
-    text = Path(__file__).read_text(encoding="utf-8")
-    return len((text if text.startswith(PACKED_HEADER) else pack_source(text)).encode())
+    packed = text.startswith(PACKED_HEADER)
+    shipped = (text if packed else pack_source(text)).encode()
+    return SOURCE_SHA256 if packed else hashlib.sha256(text.encode()).hexdigest(), hashlib.sha256(shipped).hexdigest(), len(shipped)
 
 # GPTQ int6. By default the reference's choices: per-row scales floored at 1/N (coarse
 # grids for small rows, which is much of why its artifact compresses to ~4.5 bits per
@@ -1563,7 +1561,7 @@ def export_artifact(hp: Hyperparameters, model: GPT, runtime: Runtime) -> Artifa
         blob = encode_artifact(tensors, {"schemes": schemes, "model": model.config.function_fields()})
         write_atomic(path, blob)
         model_bytes += len(blob)
-    report = ArtifactReport(path=path, model_bytes=int(runtime.all_reduce_(model_bytes)), code_bytes=shipped_code_bytes())
+    report = ArtifactReport(path=path, model_bytes=int(runtime.all_reduce_(model_bytes)), code_bytes=running_code()[2])
     runtime.log(f"Serialized model int6+brotli: {report.model_bytes} bytes")
     runtime.log(f"Code size: {report.code_bytes} bytes")
     runtime.log(f"Total submission size int6+brotli: {report.total_bytes} bytes")
@@ -2205,7 +2203,7 @@ def gpu_description(device: torch.device) -> str:
 
 def log_run_header(hp: Hyperparameters, runtime: Runtime) -> None:
     """What ties the log to its code, settings and machine."""
-    source_hash, shipped_hash = running_code()
+    source_hash, shipped_hash, _ = running_code()
     runtime.log(f"code: source_sha256:{source_hash[:16]} shipped_sha256:{shipped_hash[:16]}")
     runtime.log(f"settings_changed: {changed_settings(hp)}")
     for warning in misspelled_settings(dict(os.environ)):

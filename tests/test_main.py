@@ -31,11 +31,11 @@ def test_a_quick_run_writes_a_self_describing_log(quick, tmp_path, capsys):
     out = capsys.readouterr().out
     assert status == 0
     assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in log.splitlines()[2:4]
-    source_hash, shipped_hash = trainer.running_code()
+    source_hash, shipped_hash, _ = trainer.running_code()
     assert log.startswith(f"code: source_sha256:{source_hash[:16]} shipped_sha256:{shipped_hash[:16]}\nsettings_changed: ")
     assert "SEED=7" in log.splitlines()[1]
     assert re.search(r"^final_score final_int6_sliding_window_exact val_bpb:[\d.]+ slot:window legal:yes", log, re.MULTILINE)
-    assert f"Code size: {trainer.shipped_code_bytes()} bytes" in log
+    assert f"Code size: {trainer.running_code()[2]} bytes" in log
     assert f"artifact: {tmp_path / 'final_model.int6.ptz'}" in out and f"log: {tmp_path / 'logs'}" in out
     assert re.search(r"^result: [\d.]+ bits per byte of held-out text \(lower is better; guessing uniformly scores [\d.]+; SEED=1337 gives", out, re.MULTILINE)
 

@@ -77,8 +77,8 @@ def exact_figures(log: str) -> dict:
 
 def test_two_seeds_end_to_end_with_the_trainer(tmp_path, quick_corpus):
     environ = {**os.environ, **QUICK_RUN, "DATA_PATH": str(quick_corpus), "ITERATIONS": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(TOOL), "--seeds", "1", "2", "--out", str(tmp_path), "--script",
-                             str(ROOT / "src" / "trainer.py"), "--author", "me", "--name", "smoke"],
+    result = subprocess.run([sys.executable, str(TOOL), "--seeds", "1", "2", "--out", str(tmp_path),  # the shipped file
+                             "--author", "me", "--name", "smoke"],
                             cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step:2/2 train_loss:" in result.stdout  # the trainer's output streams through
