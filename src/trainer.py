@@ -2123,7 +2123,7 @@ def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
         qat.after_step(step, lr_mul)
         elapsed_ms = training_ms + 1000.0 * (clock() - started)
         signal = signals.push(step, loss, elapsed_ms >= stop_ms)
-        if hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0 or stop_after is not None):
+        if hp.train_log_every > 0 and (step <= 10 or step % hp.train_log_every == 0):
             mean_loss = runtime.all_reduce_(loss.detach().clone()) / runtime.world_size
             runtime.log(f"step:{step}/{hp.iterations} train_loss:{mean_loss.item():.4f} "
                         f"train_time:{elapsed_ms:.0f}ms step_avg:{elapsed_ms / step:.2f}ms")

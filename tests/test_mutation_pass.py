@@ -132,7 +132,7 @@ def test_the_runner_kills_a_tested_mutant_and_reports_an_untested_one(tmp_path):
     report_path = tmp_path / "report.json"
     command = [sys.executable, str(ROOT / "tools" / "mutation_pass.py"), str(tmp_path / "calc.py"),
                "--root", str(tmp_path), "--sections", "CALC", "--tests", "test_calc.py",
-               "--only-lines", "6-9", "--json", str(report_path)]  # leaves the `def` lines out
+               "--only-lines", "6-9", "--json", str(report_path), "--workers", "2"]  # leaves the `def` lines out
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(report_path.read_text())

@@ -36,6 +36,20 @@ def test_newton_schulz_matches_float64(shape):
     assert (in_bf16 - reference).norm() / reference.norm() < 0.08
 
 
+def test_newton_schulz_keeps_the_reference_epsilon_on_tiny_gradients():
+    """eps (1e-7) is added to the norm: on a gradient this small it sets the update's scale."""
+    torch.manual_seed(0)
+    update = 1e-9 * torch.randn(3, 48, 32, dtype=torch.float64)  # Frobenius norm ~4e-8 per matrix
+    reference = newton_schulz_float64(update)
+    assert torch.allclose(trainer.newton_schulz(update, dtype=torch.float64), reference, rtol=1e-6, atol=0)
+
+
+def test_row_normalisation_floors_tiny_rows_at_1e_7():
+    rows = torch.tensor([[3.0, 4.0], [3e-4, 4e-4], [9e-8, 1.2e-7], [3e-9, 4e-9], [0.0, 0.0]], dtype=torch.float64)
+    expected = torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.03, 0.04], [0.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(trainer.normalize_rows(rows), expected, rtol=1e-9, atol=0)
+
+
 def muon_step_float64(bank, grad, momentum_buffer, lr, momentum, weight_decay, row_normalize):
     momentum_buffer = momentum * momentum_buffer + grad
     update = grad + momentum * momentum_buffer
@@ -93,6 +107,51 @@ def test_early_layers_lr_scale_really_scales_their_updates():
     float64_muon(bank, scales.double()).step([torch.randn(16, 16, dtype=torch.float64).expand(8, 16, 16).clone()])
     norms = bank.detach().flatten(1).norm(dim=1)
     assert torch.allclose(norms / norms[2], scales.double(), rtol=1e-9)
+
+
+class DeferredGather:
+    """A fake 2-rank runtime whose all-gather fills the output only when waited on, as an
+    asynchronous collective may: the update must be read after wait(), never before."""
+
+    world_size, distributed, device = 2, True, torch.device("cpu")
+
+    def all_gather(self, output, shard):
+        class Work:
+            def wait(self):
+                output.copy_(torch.cat([shard, torch.full_like(shard, float("nan"))]))
+        return Work()
+
+
+def test_sharded_muon_applies_each_gathered_update_only_after_it_arrives():
+    torch.manual_seed(3)
+    start = [torch.randn(4, 24, 16, dtype=torch.float64), torch.randn(3, 16, 40, dtype=torch.float64)]
+    results = []
+    for runtime in (trainer.Runtime(), DeferredGather()):
+        banks = [torch.nn.Parameter(bank.clone()) for bank in start]
+        muon = trainer.MuonEqR(banks, [torch.ones(len(b), dtype=torch.float64) for b in banks], lr=0.03, momentum=0.9,
+                               backend_steps=5, weight_decay=0.04, row_normalize=True, runtime=runtime,
+                               ns_dtype=torch.float64)
+        muon.comm_dtype = torch.float64
+        for step in range(2):
+            muon.step([torch.randn(b.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(step))
+                       for b in banks])
+        results.append(banks)
+    for single, gathered in zip(*results):
+        assert torch.equal(single, gathered)
+
+
+def test_a_parameter_the_forward_missed_gets_a_zero_gradient():
+    hp = tiny_hp()
+    model = tiny_model(hp)
+    optimizers = trainer.build_optimizers(hp, model, trainer.Runtime())
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)
+    missed = optimizers.replicated[-1]
+    missed.grad = None
+    optimizers.adam.step = lambda: None
+    optimizers.muon.step = lambda shards: None
+    optimizers.step(0.3)
+    assert missed.grad is not None and torch.equal(missed.grad, torch.zeros_like(missed))
 
 
 def test_every_parameter_has_exactly_one_optimiser():

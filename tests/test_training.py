@@ -19,6 +19,9 @@ def test_wallclock_warmdown_ends_at_the_cap():
     # 20 ms per step: the warmdown starts earlier (at 3000 ms)
     assert trainer.lr_multiplier(hp, 150, 3000.0, 5000.0) == pytest.approx(1.0)
     assert trainer.lr_multiplier(hp, 200, 4000.0, 5000.0) == pytest.approx(0.5)
+    # WARMDOWN_ITERS=1 still warms down (over the last step's time) when there is a cap
+    one_step = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "1"})
+    assert trainer.lr_multiplier(one_step, 9, 9000.0, 9500.0) == pytest.approx(0.5)
 
 
 def test_step_schedule_without_a_cap():
@@ -34,6 +37,8 @@ def test_momentum_warms_up_linearly():
     assert trainer.muon_momentum_at(hp, 1500) == trainer.muon_momentum_at(hp, 5000) == 0.99
     no_warmup = trainer.Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "0"})
     assert trainer.muon_momentum_at(no_warmup, 0) == 0.99
+    one_step = trainer.Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "1"})
+    assert trainer.muon_momentum_at(one_step, 0) == 0.92 and trainer.muon_momentum_at(one_step, 1) == 0.99
 
 
 def test_ema_follows_its_formula():
@@ -68,6 +73,33 @@ def test_late_qat_switches_on_below_the_threshold_and_ramps_its_sharpness():
     assert all(layer.qat_sharpness is None for layer in model.qat_layers())
 
 
+def test_late_qat_needs_an_lr_strictly_below_the_threshold_and_starts_at_its_earliest_step():
+    hp = tiny_hp(LATE_QAT_THRESHOLD="0.15", LATE_QAT_MIN_STEP="100")
+    qat = trainer.LateQAT(hp, tiny_model(hp), trainer.Runtime())
+    qat.after_step(100, 0.15)  # at the threshold: not below it
+    assert qat.start_step is None
+    qat.after_step(100, 0.1499)  # LATE_QAT_MIN_STEP itself is early enough
+    assert qat.start_step == 100
+
+
+def test_train_step_averages_its_micro_batches_from_fresh_gradients():
+    hp = tiny_hp()
+    model, runtime = tiny_model(hp), trainer.Runtime()
+    optimizers = trainer.build_optimizers(hp, model, runtime)
+    tokens = torch.randint(0, 1024, (2, 2, 33), generator=torch.Generator().manual_seed(3))
+    batches = [(rows[:, :-1], rows[:, 1:]) for rows in tokens]
+    losses = [model(x, y) for x, y in batches]
+    expected = torch.autograd.grad((losses[0] + losses[1]) / 2, list(model.parameters()), allow_unused=True)
+    seen = []
+    optimizers.step = lambda clip_norm: seen.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
+    for _ in range(2):  # the second step must not add to the first one's gradients
+        loss = trainer.train_step(model, optimizers, batches, hp, runtime)
+        assert float(loss) == pytest.approx(float(sum(losses).detach()) / 2, rel=1e-6)
+    for grads in seen:
+        for got, want in zip(grads, expected):
+            assert (got is None and want is None) or torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
 def test_warm_up_leaves_weights_optimiser_state_and_data_order_as_before(smoke_corpus):
     hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="3")
     model, runtime = tiny_model(hp), trainer.Runtime()
@@ -82,11 +114,25 @@ def test_warm_up_leaves_weights_optimiser_state_and_data_order_as_before(smoke_c
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first_batches, trainer.make_sampler(hp, runtime).next_step(runtime)))
 
 
+@pytest.mark.parametrize("warmup_steps, threshold, expected", [
+    ("3", "0.6", [False, False, True]), ("1", "0.6", [True]), ("3", "0", [False] * 3), ("0", "0.6", [])])
+def test_warm_up_runs_its_steps_with_late_qat_only_in_the_last(smoke_corpus, monkeypatch, warmup_steps, threshold, expected):
+    """The last warm-up step compiles the late-QAT graph, so the timed run never does."""
+    hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", WARMUP_STEPS=warmup_steps,
+                 LATE_QAT_THRESHOLD=threshold)
+    model, runtime = tiny_model(hp), trainer.Runtime()
+    seen = []
+    monkeypatch.setattr(trainer, "train_step", lambda *args: seen.append(model.bigram.proj.qat_sharpness is not None))
+    trainer.warm_up_and_reset(hp, model, model, trainer.build_optimizers(hp, model, runtime),
+                              trainer.LateQAT(hp, model, runtime), runtime)
+    assert seen == expected and model.bigram.proj.qat_sharpness is None
+
+
 class FakeClock:
     """Seconds that pass only when the test says so: each training step takes 1 s."""
 
     def __init__(self):
-        self.now = 0.0
+        self.now = 1000.0  # not 0: the loop must use differences of the clock, never its value
 
     def __call__(self) -> float:
         return self.now
@@ -94,23 +140,31 @@ class FakeClock:
 
 @pytest.fixture
 def timed_run(smoke_corpus, tokenizer, monkeypatch):
-    """Train with a fake clock; returns what each step saw."""
+    """Train with a fake clock; returns what each step saw. learn=False skips the steps'
+    arithmetic (every loss 2.5), for checks of the loop alone."""
 
-    def run(**settings):
-        hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="1",
-                     GPTQ_RESERVE_MS="0", **settings)
+    def run(learn: bool = True, **settings):
+        hp = tiny_hp(**{"DATA_PATH": str(smoke_corpus), "TRAIN_BATCH_TOKENS": "512", "VAL_LOSS_EVERY": "0",
+                        "TRAIN_LOG_EVERY": "1", "GPTQ_RESERVE_MS": "0", **settings})
         model, runtime, clock, steps = tiny_model(hp), trainer.Runtime(), FakeClock(), []
         real_step = trainer.train_step
 
         def timed_step(train_model, optimizers, batches, hp, runtime):
-            loss = real_step(train_model, optimizers, batches, hp, runtime)
+            loss = real_step(train_model, optimizers, batches, hp, runtime) if learn else torch.tensor(2.5)
             steps.append({"lr": optimizers.muon.param_groups[0]["lr"], "momentum": optimizers.muon.param_groups[0]["momentum"],
                           "qat": model.bigram.proj.qat_sharpness is not None, "inputs": batches[0][0].clone(),
                           "weights": [p.detach().double().clone() for p in model.parameters()]})
             clock.now += 1.0
             return loss
 
+        real_evaluation = trainer.evaluate_standard
+
+        def timed_evaluation(*args, **kwargs):  # validation takes time too, which is not training time
+            clock.now += 0.5
+            return real_evaluation(*args, **kwargs)
+
         monkeypatch.setattr(trainer, "train_step", timed_step)
+        monkeypatch.setattr(trainer, "evaluate_standard", timed_evaluation)
         data = trainer.EvalData(trainer.load_validation_tokens(hp.val_files, 64, 1024, runtime)[:2049],
                                 trainer.build_token_bytes(tokenizer, 1024, runtime.device))
         initial = [p.detach().double().clone() for p in model.parameters()]
@@ -137,6 +191,26 @@ def test_the_safety_cap_stops_without_shaping_the_schedule(timed_run):
     assert "stopping_early: safety_cap train_time:6000ms step:6/8" in log and any("SAFETY_CAP_SECONDS" in m for m in log)
 
 
+def test_a_cap_under_a_second_still_stops_and_the_gptq_reserve_comes_off_it(timed_run):
+    _, _, steps, _, log = timed_run(False, MAX_WALLCLOCK_SECONDS="1", GPTQ_RESERVE_MS="500", ITERATIONS="5",
+                                    WARMUP_STEPS="0")
+    assert len(steps) == 1 and any(m.endswith("effective=500ms") for m in log)
+    assert "stopping_early: wallclock_cap train_time:1000ms step:1/5" in log
+
+
+def test_validation_runs_every_n_steps_and_its_time_is_not_training_time(timed_run):
+    _, _, _, _, log = timed_run(False, ITERATIONS="3", WARMUP_STEPS="0", VAL_LOSS_EVERY="1")
+    validations = [m for m in log if m.startswith("step:") and " val_loss:" in m]
+    assert [m.split()[0] for m in validations] == ["step:0/3", "step:1/3", "step:2/3", "step:3/3"]
+    assert [m.split("train_time:")[1].split()[0] for m in validations] == ["0ms", "1000ms", "2000ms", "3000ms"]
+
+
+@pytest.mark.parametrize("every, iterations, logged", [("4", "12", [*range(1, 11), 12]), ("0", "11", [])])
+def test_train_loss_is_logged_for_the_first_10_steps_then_every_n(timed_run, every, iterations, logged):
+    _, _, _, _, log = timed_run(False, ITERATIONS=iterations, WARMUP_STEPS="0", TRAIN_LOG_EVERY=every)
+    assert [int(m.split("/")[0][5:]) for m in log if " train_loss:" in m] == logged
+
+
 def test_step_bounded_training_ignores_the_clock(timed_run):
     _, _, steps, _, log = timed_run(ITERATIONS="5", WARMUP_STEPS="0")
     assert len(steps) == 5 and not any(m.startswith("stopping_early") for m in log)
@@ -158,11 +232,12 @@ def test_timed_steps_see_the_data_from_its_start_after_warm_up(timed_run, smoke_
 
 
 def test_late_qat_starts_the_step_after_the_lr_falls_below_the_threshold(timed_run):
-    _, _, steps, _, log = timed_run(ITERATIONS="8", WARMDOWN_ITERS="4", WARMUP_STEPS="0", LATE_QAT_THRESHOLD="0.6",
-                                    LATE_QAT_MIN_STEP="0")
+    _, model, steps, _, log = timed_run(ITERATIONS="8", WARMDOWN_ITERS="4", WARMUP_STEPS="0", LATE_QAT_THRESHOLD="0.6",
+                                        LATE_QAT_MIN_STEP="0")
     # step index 6 runs at 0.5 (< 0.6); the reference switches QAT on for the following step
     assert [s["qat"] for s in steps] == [False] * 7 + [True]
     assert "late_qat:enabled step:7 scale:0.5000" in log
+    assert all(layer.qat_sharpness is None for layer in model.qat_layers())  # evaluated and exported without it
 
 
 def test_a_non_finite_loss_stops_with_its_step(timed_run):

@@ -464,14 +464,16 @@ def try_mutant(mutant: Mutant, workdir: Path, relative_source: Path, original: s
         target.write_text(original)
 
 
-def run_mutants(mutants: list[Mutant], root: Path, relative_source: Path, tests: list[str], timeout: float | None,
+def run_mutants(mutants: list[Mutant], snapshot: Path, relative_source: Path, tests: list[str], timeout: float | None,
                 workers: int, scratch: Path, outcomes: dict[int, Outcome],
                 on_result: Callable[[Mutant, Outcome], None]) -> None:
-    """Test every mutant, `workers` at a time, each in a worker's own copy of the repository; fills outcomes."""
-    original = (root / relative_source).read_text()
+    """Test every mutant, `workers` at a time, each in a worker's own copy of `snapshot` (the
+    copy the unmutated tests passed in, so edits to the working tree during the pass never
+    reach a mutant's tests); fills outcomes."""
+    original = (snapshot / relative_source).read_text()
     copies: queue.Queue[Path] = queue.Queue()
     for index in range(workers):
-        copy_repository(root, scratch / f"repo{index}", relative_source)
+        shutil.copytree(snapshot, scratch / f"repo{index}")
         copies.put(scratch / f"repo{index}")
     lock = threading.Lock()
 
@@ -723,8 +725,8 @@ def main(argv: list[str] | None = None) -> int:
                 timeout = timeout or round(2 * baseline_s + 30)
                 print(f"{len(to_test)} of {len(mutants)} mutants to test in {len(sections)} section(s); unmutated "
                       f"tests pass in {baseline_s:.0f}s; timeout {timeout:.0f}s per mutant", flush=True)
-                run_mutants(to_test, root, source.relative_to(root), pytest_targets(args), timeout, args.workers,
-                            Path(scratch), outcomes, record)
+                run_mutants(to_test, Path(scratch) / "baseline", source.relative_to(root), pytest_targets(args), timeout,
+                            args.workers, Path(scratch), outcomes, record)
         except KeyboardInterrupt:
             interrupted = True
     final = report(complete=not interrupted)
