@@ -233,7 +233,7 @@ SMOKE_PROFILE: dict[str, Any] = dict(
     muon_momentum_warmup_steps=100, late_qat_min_step=100, gptq_calib_samples=4, ema_decay=0.95,
     eval_seq_len=256, eval_batch_seqs=16, slot_steps=4,
     ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8)
-SMOKE_EXPECTED_BPB = 1.85  # the embedded default's final score for SEED=1337 (README: measured)
+SMOKE_EXPECTED_BPB = 1.82  # the embedded default's final score for SEED=1337 (1.81563577 measured; README)
 
 def env_of(name: str) -> str:
     return name.upper()
