@@ -223,13 +223,14 @@ SLOT_MODES = ("window", "batch_causal", "shared")
 
 # The embedded default: a 0.65M-parameter model that trains in about two minutes on two
 # CPU cores, on the vendored text of data/smoke/. Bounded by steps, so a seed gives the
-# same score on any machine; the safety cap only stops a machine that is far too slow.
+# same score on any machine; the hour's safety cap only stops a machine that is far too
+# slow (two busy cores made training 9x slower: 760 s).
 SMOKE_PROFILE: dict[str, Any] = dict(
     data_path="./data/datasets/smoke_pydoc_sp1024", num_layers=4, model_dim=128,
     num_heads=4, num_kv_heads=2, mlp_mult=2.0, xsa_last_n=4, bigram_vocab_size=512,
     bigram_dim=32, ve_dim=32, ve_layers="2,3", train_batch_tokens=8192, train_seq_len=256,
     grad_accum_steps=1, iterations=150, warmup_steps=2, warmdown_iters=100, max_wallclock_seconds=0.0,
-    safety_cap_seconds=900.0, gptq_reserve_ms=0.0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
+    safety_cap_seconds=3600.0, gptq_reserve_ms=0.0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
     muon_momentum_warmup_steps=100, late_qat_min_step=100, gptq_calib_samples=4, ema_decay=0.95,
     eval_seq_len=256, eval_batch_seqs=16, slot_steps=4,
     ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8)
