@@ -175,11 +175,12 @@ def test_global_norm_clipping_covers_banks_and_the_rest():
     optimizers.step(0.3)
     clipped = math.sqrt(sum(float(s.square().sum()) for s in seen) + sum(float(p.grad.square().sum()) for p in optimizers.replicated))
     assert clipped == pytest.approx(0.3, rel=1e-4) and total > 0.3 and len(seen) == 4
-    for param in model.parameters():  # a norm under the limit is left alone
-        param.grad = torch.full_like(param, 1e-6)
-    seen.clear()
-    optimizers.step(0.3)
-    assert all(torch.equal(s, torch.full_like(s, 1e-6)) for s in seen)
+    for value, clip_norm in ((1e-6, 0.3), (1e-12, 0.3), (2.0, 0.0)):  # under the limit, near zero, or no clip: left alone
+        for param in model.parameters():
+            param.grad = torch.full_like(param, value)
+        seen.clear()
+        optimizers.step(clip_norm)
+        assert all(torch.equal(g, torch.full_like(g, value)) for g in seen + [p.grad for p in optimizers.replicated])
 
 
 def test_schedule_sets_every_group():
