@@ -22,7 +22,7 @@ def test_loss_is_the_mean_of_the_token_losses():
     logits = model.logits(model.forward_hidden(tokens[:, :-1])).double()
     by_hand = torch.logsumexp(logits, -1) - logits.gather(-1, tokens[:, 1:, None])[..., 0]
     assert nll.shape == (3, 39) and torch.allclose(nll.double(), by_hand, atol=1e-4)
-    assert float(model(tokens[:, :-1], tokens[:, 1:])) == pytest.approx(float(nll.mean()), rel=1e-6)
+    assert model(tokens[:, :-1], tokens[:, 1:]).item() == pytest.approx(nll.mean().item(), rel=1e-6)
 
 
 def test_model_is_causal():
