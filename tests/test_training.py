@@ -216,6 +216,21 @@ def test_step_bounded_training_ignores_the_clock(timed_run):
     assert len(steps) == 5 and not any(m.startswith("stopping_early") for m in log)
 
 
+def test_a_cap_first_seen_at_the_last_step_is_not_an_early_stop(timed_run):
+    # the 5 s cap is reached at step 5 = ITERATIONS (on CUDA it is read a step late): the run was not cut short
+    _, _, steps, _, log = timed_run(False, MAX_WALLCLOCK_SECONDS="5", ITERATIONS="5", WARMUP_STEPS="0")
+    assert len(steps) == 5 and not any(m.startswith("stopping_early") for m in log)
+
+
+@pytest.mark.parametrize("settings, expected", [({"ITERATIONS": "5"}, [4, 3, 2, 1, 0]),  # steps left at 1 s a step
+                                                ({"ITERATIONS": "100", "MAX_WALLCLOCK_SECONDS": "3"}, [2, 1, 0])])
+def test_the_progress_estimate_is_the_time_left_to_the_nearer_end(timed_run, monkeypatch, settings, expected):
+    estimates = []
+    monkeypatch.setattr(trainer.Progress, "update", lambda self, done, seconds_left=None: estimates.append(seconds_left))
+    timed_run(False, WARMUP_STEPS="0", **settings)
+    assert estimates == pytest.approx(expected)
+
+
 def test_the_exported_weights_are_the_ema_of_the_steps(timed_run):
     hp, model, steps, initial, _ = timed_run(ITERATIONS="4", WARMUP_STEPS="2", EMA_DECAY="0.7")
     expected = initial
