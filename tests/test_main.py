@@ -90,20 +90,21 @@ def test_a_second_run_says_it_replaces_the_artifact(quick, capsys):
     assert status == 0 and "artifact: final_model.int6.ptz exists (an earlier run's); this run replaces it" in capsys.readouterr().out
 
 
-def test_an_interrupt_says_where_the_run_was(quick, monkeypatch, capsys):
+@pytest.mark.parametrize("call, where", [(1, "during warm-up"), (3, "during training at step 1")])
+def test_an_interrupt_says_where_the_run_was(quick, monkeypatch, capsys, call, where):
     calls = []
 
-    def interrupted(*args):
+    def interrupted(*args):  # call 1 is the warm-up step; call 3 the second timed step, after step 1
         calls.append(1)
-        if len(calls) == 3:  # warm-up step, then the first timed step, then Ctrl-C
+        if len(calls) == call:
             raise KeyboardInterrupt
         return real(*args)
 
     real = trainer.train_step
     monkeypatch.setattr(trainer, "train_step", interrupted)
     status, log = quick()
-    assert status == 130 and capsys.readouterr().err.strip() == "interrupted during training at step 1"
-    assert log.splitlines()[-1] == "interrupted during training at step 1"
+    assert status == 130 and capsys.readouterr().err.strip() == f"interrupted {where}"
+    assert log.splitlines()[-1] == f"interrupted {where}"
 
 
 def test_a_non_finite_loss_ends_with_status_1_and_the_reason_in_the_log(quick, capsys):
