@@ -1,7 +1,7 @@
 """Shared fixtures: the tiny configuration, real tokens, in-process runs, a 2-rank harness.
 
-pytest.ini puts src/ and tools/ on the import path, so `import trainer` is the readable
-source (the shipped train_gpt.py is only ever run as a file).
+The project is installed (`pip install -e .`), so `trainer` is the readable source and
+`tools` the tools; the shipped train_gpt.py is only ever run as a file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import trainer
+from trainer.data import build_smoke_corpus
+from trainer.evaluation import Window, sliding_windows
+from trainer.main import run_cli
+from trainer.model import GPT, ModelConfig
+from trainer.settings import Hyperparameters
+from trainer.shards import MANIFEST, read_shard, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
@@ -36,16 +41,16 @@ QUICK_RUN = {**TINY, "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "3", "WARMUP_ST
              "TOKENIZER_PATH": str(TOKENIZER)}
 
 
-def tiny_hp(**overrides: str) -> trainer.Hyperparameters:
-    return trainer.Hyperparameters.from_env({**TINY, **overrides})
+def tiny_hp(**overrides: str) -> Hyperparameters:
+    return Hyperparameters.from_env({**TINY, **overrides})
 
 
-def tiny_model(hp: trainer.Hyperparameters, seed: int = 0) -> trainer.GPT:
+def tiny_model(hp: Hyperparameters, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
-    return trainer.GPT(trainer.ModelConfig.from_settings(hp))
+    return GPT(ModelConfig.from_settings(hp))
 
 
-def noisy_model(hp: trainer.Hyperparameters, seed: int = 0) -> trainer.GPT:
+def noisy_model(hp: Hyperparameters, seed: int = 0) -> GPT:
     """A model whose zero-initialised weights are filled in, so every path carries signal."""
     model = tiny_model(hp, seed)
     with torch.no_grad():
@@ -65,7 +70,7 @@ def tokenizer():
 def smoke_corpus(tmp_path_factory, tokenizer) -> Path:
     """Real English tokens (the embedded default's corpus) in shards, built once per session."""
     folder = tmp_path_factory.mktemp("smoke_corpus")
-    trainer.build_smoke_corpus(folder, tokenizer)
+    build_smoke_corpus(folder, tokenizer, TOKENIZER)
     return folder
 
 
@@ -73,20 +78,21 @@ def smoke_corpus(tmp_path_factory, tokenizer) -> Path:
 def quick_corpus(tmp_path_factory, smoke_corpus) -> Path:
     """The embedded corpus with a short validation shard, so whole test runs evaluate fast."""
     folder = tmp_path_factory.mktemp("quick_corpus")
-    (folder / "fineweb_train_000000.bin").symlink_to(smoke_corpus / "fineweb_train_000000.bin")
-    trainer.write_shard(folder / "fineweb_val_000000.bin", trainer.read_shard(smoke_corpus / "fineweb_val_000000.bin")[:4097])
+    for name in ("fineweb_train_000000.bin", MANIFEST):
+        (folder / name).symlink_to(smoke_corpus / name)
+    write_shard(folder / "fineweb_val_000000.bin", read_shard(smoke_corpus / "fineweb_val_000000.bin")[:4097])
     return folder
 
 
 def run_in_process(folder: Path, settings: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                    argv: list[str] | None = None) -> int:
     """run_cli in `folder` with exactly these settings in the environment (no leftovers)."""
-    for name in [spec.name.upper() for spec in fields(trainer.Hyperparameters)] + ["WORLD_SIZE", "RANK"]:
+    for name in [spec.name.upper() for spec in fields(Hyperparameters)] + ["WORLD_SIZE", "RANK"]:
         monkeypatch.delenv(name, raising=False)
     for name, value in settings.items():
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(folder)
-    return trainer.run_cli(argv or [])
+    return run_cli(argv or [])
 
 
 def run_log(folder: Path) -> str:
@@ -117,8 +123,39 @@ def _gloo_worker(rank: int, port: int, job: Callable[[int], Any], results) -> No
 
 def on_two_ranks(job: Callable[[int], Any]) -> list[Any]:
     """Run job(rank) in 2 gloo processes (the job initialises the group, e.g. through
-    trainer.start_runtime); returns each rank's result. job must be a module-level function."""
+    start_runtime); returns each rank's result. job must be a module-level function."""
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_gloo_worker, args=(free_port(), job, results), nprocs=2, join=True)
         return [results[0], results[1]]
+
+
+def batch_layouts(windows: list[Window], capacity: int):
+    """Per batch of sliding_scores: its windows' starts and the window offset of its first
+    scored position (the earliest first-scored offset in the batch)."""
+    for first in range(0, len(windows), capacity):
+        batch = windows[first : first + capacity]
+        yield torch.tensor([w.start for w in batch]), min(w.first_scored - w.start for w in batch)
+
+
+def nll_by_ordinal(batches, layouts, count: int, slot: bool) -> torch.Tensor:
+    """Collect a scoring generator's output into one NLL per ordinal (NaN if never scored)."""
+    nll = torch.full((count,), float("nan"), dtype=torch.float64)
+    for batch, (starts, offset) in zip(batches, layouts, strict=True):
+        ordinals = starts[:, None] + offset + torch.arange(batch.nll.size(1))
+        nll[ordinals[batch.scored]] = (batch.slot_nll if slot else batch.nll)[batch.scored].double()
+    return nll
+
+
+def ttt_chunks(hp, num_ordinals: int) -> list[list[Window]]:
+    """The windows of each chunk ttt_scores scores, in order."""
+    chunks = [[] for _ in range(-(-num_ordinals // hp.ttt_chunk_tokens))]
+    for window in sliding_windows(num_ordinals, hp.eval_seq_len, hp.eval_stride, hp.eval_full_last_window):
+        chunks[min(window.first_scored // hp.ttt_chunk_tokens, len(chunks) - 1)].append(window)
+    return chunks
+
+
+def ttt_layout(hp, num_ordinals: int):
+    """The batches ttt_scores scores, chunk after chunk."""
+    for windows in ttt_chunks(hp, num_ordinals):
+        yield from batch_layouts(windows, hp.eval_batch_seqs)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import lzma
 
-import build_proxy_corpus
-import download_fineweb
-import export_text
+from tools import build_proxy_corpus
+from tools import download_fineweb
+from tools import export_text
 import numpy as np
 import pytest
 
-import trainer
+from trainer.settings import InputError
+from trainer.shards import BOS_ID, read_shard, write_shard
 from conftest import TOKENIZER
 
 MANIFEST = {"datasets": [{"name": "fineweb10B_sp1024", "tokenizer_name": "sp_bpe_1024",
@@ -50,16 +51,16 @@ def test_bad_manifests_say_what_is_missing(manifest, variant, shards, message):
 def test_download_resumes_and_verifies(tmp_path):
     plan = download_fineweb.plan_downloads(MANIFEST, "sp1024", 2)
     good = download_fineweb.local_path(plan[0], tmp_path)
-    trainer.write_shard(good, np.arange(100))
+    write_shard(good, np.arange(100))
     truncated = download_fineweb.local_path(plan[1], tmp_path)
-    trainer.write_shard(truncated, np.arange(100))
+    write_shard(truncated, np.arange(100))
     truncated.write_bytes(truncated.read_bytes()[:-7])
     fetched = []
 
     def fake_fetch(remote, destination):
         fetched.append(remote)
         if destination.suffix == ".bin":
-            trainer.write_shard(destination, np.arange(50))
+            write_shard(destination, np.arange(50))
         else:
             destination.parent.mkdir(parents=True, exist_ok=True)
             destination.write_text("tokenizer")
@@ -79,7 +80,7 @@ def test_a_bad_download_is_deleted_and_reported(tmp_path):
         destination.parent.mkdir(parents=True, exist_ok=True)
         destination.write_bytes(b"<html>rate limited</html>" * 50)
 
-    with pytest.raises(trainer.DataError, match="failed the header/size check and was deleted"):
+    with pytest.raises(InputError, match="failed the header/size check and was deleted"):
         download_fineweb.download(plan, tmp_path, broken_fetch, log=lambda line: None)
     assert not download_fineweb.local_path(plan[0], tmp_path).exists()
 
@@ -92,14 +93,14 @@ def test_export_writes_bos_separated_documents_and_splits_by_count(tmp_path, tok
     assert manifest["documents"] == {"val": 3, "train": 5}
     for split, expected in (("val", DOCUMENTS[:3]), ("train", DOCUMENTS[3:])):
         files = sorted(tmp_path.glob(f"fineweb_{split}_*.bin"))
-        tokens = np.concatenate([np.asarray(trainer.read_shard(f)) for f in files])
-        assert all(trainer.read_shard(f).size <= 64 for f in files)
-        assert tokens[0] == trainer.BOS_ID and (tokens == trainer.BOS_ID).sum() == len(expected)
-        pieces = np.split(tokens, np.flatnonzero(tokens == trainer.BOS_ID))[1:]
+        tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
+        assert all(read_shard(f).size <= 64 for f in files)
+        assert tokens[0] == BOS_ID and (tokens == BOS_ID).sum() == len(expected)
+        pieces = np.split(tokens, np.flatnonzero(tokens == BOS_ID))[1:]
         assert [tokenizer.decode(p[1:].tolist()) for p in pieces] == [d.strip() for d in expected]
     assert len(manifest["files"]) > 2  # small shards: several of them
     listed = {f["file"]: f["tokens"] for f in manifest["files"]}
-    assert listed == {p.name: int(trainer.read_shard(p).size) for p in tmp_path.glob("*.bin")}
+    assert listed == {p.name: int(read_shard(p).size) for p in tmp_path.glob("*.bin")}
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
 
 
@@ -172,13 +173,13 @@ def test_tokenize_gives_the_same_checksummed_shards_with_any_number_of_workers(t
     documents = build_proxy_corpus.read_text_file(text_file)
     for split in ("val", "train"):
         files = sorted((tmp_path / "out1").glob(f"fineweb_{split}_*.bin"))
-        tokens = np.concatenate([np.asarray(trainer.read_shard(f)) for f in files])
-        pieces = np.split(tokens, np.flatnonzero(tokens == trainer.BOS_ID))[1:]
+        tokens = np.concatenate([np.asarray(read_shard(f)) for f in files])
+        pieces = np.split(tokens, np.flatnonzero(tokens == BOS_ID))[1:]
         decoded = sorted(tokenizer.decode(p[1:].tolist()) for p in pieces)  # the tokenizer turns newlines into spaces
         assert decoded == sorted(" ".join(d["text"].split()) for d in documents if d["split"] == split)
         assert manifests[0]["tokens"][split] == tokens.size
     assert len([f for f in manifests[0]["files"] if f["file"].startswith("fineweb_train")]) > 1
-    first_shard = tokenizer.decode(np.asarray(trainer.read_shard(tmp_path / "out1" / "fineweb_train_000000.bin")).tolist())
+    first_shard = tokenizer.decode(np.asarray(read_shard(tmp_path / "out1" / "fineweb_train_000000.bin")).tolist())
     assert "alpha-doc" in first_shard and "beta-doc" in first_shard  # training pages are shuffled across the manuals
     assert build_proxy_corpus.verify(tmp_path / "out1", expected=manifests[1]["tokens_sha256"]) == manifests[0]
     with pytest.raises(build_proxy_corpus.CorpusError, match="is not the expected 0123"):
@@ -191,9 +192,9 @@ def test_verify_finds_a_changed_shard_and_tokenize_never_mixes_corpora(tmp_path,
     out = tmp_path / "out"
     build_proxy_corpus.tokenize(text_file, TOKENIZER, out, 1)
     shard = out / "fineweb_train_000000.bin"
-    tokens = np.asarray(trainer.read_shard(shard)).copy()
+    tokens = np.asarray(read_shard(shard)).copy()
     tokens[-1] = (tokens[-1] + 1) % 1024
-    trainer.write_shard(shard, tokens)
+    write_shard(shard, tokens)
     with pytest.raises(build_proxy_corpus.CorpusError, match="fineweb_train_000000.bin: does not match manifest.json"):
         build_proxy_corpus.verify(out)
     assert build_proxy_corpus.main(["tokenize", "--text-file", str(text_file), "--out", str(out)]) == 1

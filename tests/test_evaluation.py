@@ -1,8 +1,9 @@
-"""EVALUATION: exact bytes, sliding windows, SLOT modes, TTT, the legality probes, and the
-reference's leaky SLOT reproduced for comparison."""
+"""trainer.evaluation: exact bytes, sliding windows, SLOT modes, TTT, the legality probes,
+the PR #1217 record's leaky SLOT reproduced for comparison, the labels and the budget."""
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -10,10 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import trainer
-from conftest import ROOT, noisy_model, tiny_hp
+import trainer.evaluation as evaluation_module
+from trainer.evaluation import (CAUSAL_SLOT_MODES, EvalData, EvalResult, EvaluationClock, ScoreSum, Window, build_token_bytes,
+                                count_bytes, evaluate_artifact, evaluate_sliding, evaluate_standard, evaluate_ttt,
+                                evaluation_windows, log_result, rank_share, record_1217_windows, score_kind, sliding_scores,
+                                sliding_windows, ttt_scores, with_slot)
+from trainer.runtime import Runtime
+from trainer.settings import SLOT_MODES
+from trainer.shards import BOS_ID
+from conftest import ROOT, batch_layouts, nll_by_ordinal, noisy_model, tiny_hp, ttt_layout
 
-REFERENCE_LOG = ROOT / "tests" / "data" / "reference-logs" / "train_seed1337.log"
+RECORD_LOG = ROOT / "tests" / "data" / "record-logs" / "train_seed1337.log"
 
 # The FineWeb tokenizer normalises text (NFKC, whitespace collapsed) and has no byte
 # pieces: characters outside its vocabulary become <unk>, which counts 0 bytes (the
@@ -24,9 +32,9 @@ UNCOVERED = ["accents: café, naïve, Zürich", "emoji: 🎉🐍 done", "CJK 漢
 
 
 def counted_bytes(tokenizer, ids: list[int]) -> int:
-    token_bytes = trainer.build_token_bytes(tokenizer, 1024, torch.device("cpu"))
-    ids_t = torch.tensor([trainer.BOS_ID] + ids)
-    return int(trainer.count_bytes(token_bytes, ids_t[:-1], ids_t[1:]).sum())
+    token_bytes = build_token_bytes(tokenizer, 1024, torch.device("cpu"))
+    ids_t = torch.tensor([BOS_ID] + ids)
+    return int(count_bytes(token_bytes, ids_t[:-1], ids_t[1:]).sum())
 
 
 @pytest.mark.parametrize("text", COVERED)
@@ -74,27 +82,38 @@ class ByteFallbackTokenizer:
 
 
 def test_byte_fallback_pieces_count_one_byte_each():
-    token_bytes = trainer.build_token_bytes(ByteFallbackTokenizer(), 8, torch.device("cpu"))
+    token_bytes = build_token_bytes(ByteFallbackTokenizer(), 8, torch.device("cpu"))
     ids = torch.tensor([1, 6, 4, 5, 7])  # BOS " caf" 0xC3 0xA9 " x"  ->  "café x" after BOS
-    assert trainer.count_bytes(token_bytes, ids[:-1], ids[1:]).tolist() == [3, 1, 1, 2]
+    assert count_bytes(token_bytes, ids[:-1], ids[1:]).tolist() == [3, 1, 1, 2]
 
 
+@pytest.mark.parametrize("full_last", [True, False], ids=["full_last", "on_the_grid"])
 @pytest.mark.parametrize("num_ordinals, seq_len, stride", [(1000, 64, 16), (1000, 64, 64), (999, 64, 10), (40, 64, 16),
-                                                           (64, 64, 16), (65, 64, 64), (1, 8, 4)])
-def test_sliding_windows_score_every_ordinal_once(num_ordinals, seq_len, stride):
+                                                           (64, 64, 16), (65, 64, 64), (1, 8, 4), (1005, 64, 16)])
+def test_sliding_windows_score_every_ordinal_once(num_ordinals, seq_len, stride, full_last):
     scored, previous_end = [], 0
-    for start, end, first in trainer.sliding_windows(num_ordinals, seq_len, stride):
-        assert first == previous_end and end - start == min(seq_len, num_ordinals) and 0 <= start <= first < end
+    windows = sliding_windows(num_ordinals, seq_len, stride, full_last)
+    for index, (start, end, first) in enumerate(windows):
+        assert first == previous_end and 0 <= start <= first < end and end - start <= seq_len
         assert first - start >= min(seq_len - stride, first)  # full context where the data allows
+        if full_last or end < num_ordinals:
+            assert end - start == min(seq_len, num_ordinals)
+        if not full_last or end < num_ordinals:
+            assert start == index * stride  # on the stride grid, as the PR #1493 record lays them out
         scored.extend(range(first, end))
         previous_end = end
     assert scored == list(range(num_ordinals))
 
 
-def test_reference_windows_rescore_the_tail():
-    windows = trainer.reference_windows(100, 64, 16)
+def test_the_two_layouts_differ_only_in_the_last_window():
+    full, grid = sliding_windows(1005, 64, 16, True), sliding_windows(1005, 64, 16, False)
+    assert full[:-1] == grid[:-1] and full[-1] == Window(941, 1005, 992) and grid[-1] == Window(944, 1005, 992)
+
+
+def test_record_1217_windows_rescore_the_tail():
+    windows = record_1217_windows(100, 64, 16)
     assert [w.start for w in windows] == list(range(0, 100, 16))
-    scored = [o for w in windows for o in range(w.first, w.end)]
+    scored = [o for w in windows for o in range(w.first_scored, w.end)]
     assert set(scored) == set(range(100)) and len(scored) == 100 + 16 * 3  # windows at 48, 64, 80 score 84..99 again
 
 
@@ -104,49 +123,55 @@ def val_tokens(count: int, seed: int = 1) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def byte_table(tokenizer):
-    return trainer.build_token_bytes(tokenizer, 1024, torch.device("cpu"))
+    return build_token_bytes(tokenizer, 1024, torch.device("cpu"))
 
 
 def data_of(tokens, byte_table):
-    return trainer.EvalData(val_tokens=tokens, token_bytes=byte_table)
+    return EvalData(val_tokens=tokens, token_bytes=byte_table)
 
 
 def test_stride_equal_to_seq_len_is_standard_evaluation(byte_table):
     hp = tiny_hp(EVAL_STRIDE="64", SLOT_ENABLED="0")
-    model, tokens, runtime = noisy_model(hp), val_tokens(64 * 10 + 1), trainer.Runtime()
-    standard = trainer.evaluate_standard(model, tokens, 64, 64 * 3, byte_table, runtime)
-    sliding = trainer.evaluate_sliding(model, data_of(tokens, byte_table), hp, runtime, slot=False)
-    assert sliding.tokens == standard.tokens == 640 and sliding.bytes == standard.bytes
+    model, tokens, runtime = noisy_model(hp), val_tokens(64 * 10 + 1), Runtime()
+    standard = evaluate_standard(model, tokens, 64, 64 * 3, byte_table, runtime)
+    sliding, adapted = evaluate_sliding(model, data_of(tokens, byte_table), hp, runtime)
+    assert adapted is None and sliding.tokens == standard.tokens == 640 and sliding.bytes == standard.bytes
     assert sliding.bpb == pytest.approx(standard.bpb, rel=1e-9)
 
 
-def nll_by_ordinal(batches, count: int) -> torch.Tensor:
-    """Collect a scoring generator's output into one NLL per ordinal (NaN if never scored)."""
-    nll = torch.full((count,), float("nan"), dtype=torch.float64)
-    for batch in batches:
-        nll[batch.ordinals[batch.scored]] = batch.nll[batch.scored].double()
-    return nll
-
-
-def per_ordinal_nll(hp, tokens, slot=False, ttt=False, model=None):
+def per_ordinal_nll(hp, tokens, ttt=False, model=None):
+    """Every ordinal's NLL as the evaluation scores it (through SLOT when the settings say so)."""
     model = model or noisy_model(hp)
-    runtime = trainer.Runtime()
+    runtime, slot, count = Runtime(), hp.slot_enabled and hp.slot_steps > 0, tokens.numel() - 1
     if ttt:
-        batches = trainer.ttt_scores(model, tokens, hp, runtime)
+        nll = nll_by_ordinal(ttt_scores(model, tokens, hp, runtime), ttt_layout(hp, count), count, False)
     else:
-        windows = trainer.evaluation_windows(hp, tokens.numel() - 1, slot)
-        batches = trainer.sliding_scores(model.eval().requires_grad_(False), tokens, windows, hp, runtime, slot)
-    nll = nll_by_ordinal(batches, tokens.numel() - 1)
+        windows = evaluation_windows(hp, count, slot)
+        batches = sliding_scores(model.eval().requires_grad_(False), tokens, windows, hp, runtime, slot)
+        nll = nll_by_ordinal(batches, batch_layouts(windows, hp.eval_batch_seqs), count, slot)
     assert not nll.isnan().any()
     return nll
 
 
-def legality_probe(hp, probe: int, **mode):
-    """NLL per ordinal before and after changing token probe+1 (the target of ordinal `probe`)."""
+@functools.cache
+def probe_tokens(probe: int | None) -> torch.Tensor:
+    """The probes' validation text, or that text with the target of ordinal `probe` changed."""
     tokens = val_tokens(600)
-    changed = tokens.clone()
-    changed[probe + 1] = (changed[probe + 1] + 1) % 1024
-    return per_ordinal_nll(hp, tokens, **mode), per_ordinal_nll(hp, changed, **mode)
+    if probe is not None:
+        tokens[probe + 1] = (tokens[probe + 1] + 1) % 1024
+    return tokens
+
+
+@functools.cache
+def cached_nll(settings: tuple[tuple[str, str], ...], probe: int | None, ttt: bool = False) -> torch.Tensor:
+    """per_ordinal_nll, computed once per settings and text for the whole module."""
+    return per_ordinal_nll(tiny_hp(**dict(settings)), probe_tokens(probe), ttt=ttt)
+
+
+def legality_probe(settings: dict, probe: int, ttt: bool = False):
+    """NLL per ordinal before and after changing token probe+1 (the target of ordinal `probe`)."""
+    key = tuple(sorted(settings.items()))
+    return cached_nll(key, None, ttt), cached_nll(key, probe, ttt)
 
 
 # Windows of 64 with stride 16 in batches of 8: ordinal 230 is scored by window 11, in
@@ -155,39 +180,41 @@ PROBE = 230
 SLOT = {"EVAL_BATCH_SEQS": "8", "SLOT_STEPS": "3", "SLOT_LR": "0.05"}
 
 
-@pytest.mark.parametrize("mode", trainer.LEGAL_SLOT_MODES)
+@pytest.mark.parametrize("mode", CAUSAL_SLOT_MODES)
 def test_causal_slot_modes_never_look_ahead(mode):
-    before, after = legality_probe(tiny_hp(SLOT_MODE=mode, **SLOT), PROBE, slot=True)
+    before, after = legality_probe({"SLOT_MODE": mode, **SLOT}, PROBE)
     assert torch.equal(before[:PROBE], after[:PROBE])  # every earlier score, to the last bit
     assert before[PROBE] != after[PROBE]  # the probe does reach the model
 
 
 def test_the_probe_catches_the_shared_slot_leak():
-    before, after = legality_probe(tiny_hp(SLOT_MODE="shared", **SLOT), PROBE, slot=True)
+    before, after = legality_probe({"SLOT_MODE": "shared", **SLOT}, PROBE)
     assert not torch.equal(before[:PROBE], after[:PROBE])
 
 
+TTT = {"TTT_CHUNK_TOKENS": "128", "TTT_EPOCHS": "2", "TTT_LR": "0.05", "TTT_BATCH_SEQS": "2", "TTT_FREEZE_BLOCKS": "1",
+       "SLOT_ENABLED": "0"}
+
+
 def test_ttt_never_looks_ahead():
-    hp = tiny_hp(TTT_CHUNK_TOKENS="128", TTT_EPOCHS="2", TTT_LR="0.05", TTT_BATCH_SEQS="2", TTT_FREEZE_BLOCKS="1")
-    before, after = legality_probe(hp, PROBE, ttt=True)
+    before, after = legality_probe(TTT, PROBE, ttt=True)
     assert torch.equal(before[:PROBE], after[:PROBE])
     assert before[PROBE] != after[PROBE]
     # and adaptation happens: a later chunk's scores differ from plain sliding
-    plain = per_ordinal_nll(hp, val_tokens(600))
+    plain = cached_nll(tuple(sorted(TTT.items())), None)
     assert torch.equal(plain[:128], before[:128]) and not torch.equal(plain[128:], before[128:])
 
 
 def test_slot_changes_scores_and_modes_differ():
-    tokens = val_tokens(600)
-    plain = per_ordinal_nll(tiny_hp(**SLOT), tokens)
-    scores = {mode: per_ordinal_nll(tiny_hp(SLOT_MODE=mode, **SLOT), tokens, slot=True) for mode in trainer.SLOT_MODES}
+    plain = cached_nll(tuple(sorted({**SLOT, "SLOT_ENABLED": "0"}.items())), None)
+    scores = {mode: cached_nll(tuple(sorted({"SLOT_MODE": mode, **SLOT}.items())), None) for mode in SLOT_MODES}
     assert torch.equal(scores["window"][:64], plain[:64])  # the first window has no context: delta stays 0
     assert all(not torch.equal(nll, plain) for nll in scores.values())
     assert not torch.equal(scores["window"], scores["batch_causal"])
 
 
-def reference_slot_bpb(model, tokens, byte_table, seq_len, stride, batch_windows, world_size, steps, lr):
-    """The reference's sliding evaluation with its shared SLOT, written out plainly: a
+def record_1217_slot_bpb(model, tokens, byte_table, seq_len, stride, batch_windows, world_size, steps, lr):
+    """The PR #1217 record's sliding evaluation with its shared SLOT, written out plainly: a
     window every `stride` tokens (short ones at the end, zero-padded, scoring their last
     `stride` tokens again); each rank takes a contiguous share; per batch one delta,
     fitted on positions [0, seq_len - stride - 1) of every window, hidden states cast to
@@ -222,22 +249,22 @@ def reference_slot_bpb(model, tokens, byte_table, seq_len, stride, batch_windows
             for i, start in enumerate(batch):
                 scored = slice(0 if start == 0 else max(lengths[i] - stride, 0), lengths[i])
                 nll_sum += float(nll[i, scored].double().sum())
-                byte_sum += float(trainer.count_bytes(byte_table, x[i, scored], y[i, scored]).sum())
+                byte_sum += float(count_bytes(byte_table, x[i, scored], y[i, scored]).sum())
     return nll_sum / math.log(2) / byte_sum
 
 
 @pytest.mark.parametrize("world_size", [1, 8])
-def test_shared_mode_is_the_references_slot(byte_table, world_size):
+def test_shared_mode_is_the_record_1217_slot(byte_table, world_size):
     hp = tiny_hp(SLOT_MODE="shared", EVAL_BATCH_SEQS="4", SLOT_STEPS="3", SLOT_LR="0.05")
     model = noisy_model(hp).eval().requires_grad_(False)
     tokens = val_tokens(500)
-    windows = trainer.evaluation_windows(hp, tokens.numel() - 1, slot=True)
-    score = trainer.ScoreSum(trainer.Runtime(), byte_table)
+    windows = evaluation_windows(hp, tokens.numel() - 1, slot=True)
+    score = ScoreSum(Runtime(), byte_table)
     for rank in range(world_size):
-        for batch in trainer.sliding_scores(model, tokens, trainer.rank_share(windows, trainer.Runtime(rank=rank, world_size=world_size)),
-                                            hp, trainer.Runtime(), slot=True):
-            score.add(batch)
-    expected = reference_slot_bpb(model, tokens, byte_table, 64, 16, 4, world_size, 3, 0.05)
+        for batch in sliding_scores(model, tokens, rank_share(windows, Runtime(rank=rank, world_size=world_size)),
+                                    hp, Runtime(), slot=True):
+            score.add(batch, batch.slot_nll)
+    expected = record_1217_slot_bpb(model, tokens, byte_table, 64, 16, 4, world_size, 3, 0.05)
     assert score.result().bpb == pytest.approx(expected, rel=1e-9)  # the same up to the order of float64 sums
 
 
@@ -245,7 +272,7 @@ def test_sliding_evaluation_restores_the_trainable_flags(byte_table):
     hp = tiny_hp(**SLOT)
     model = noisy_model(hp)
     model.smear.gate.requires_grad_(False)
-    trainer.evaluate_sliding(model, data_of(val_tokens(300), byte_table), hp, trainer.Runtime(), slot=True)
+    evaluate_sliding(model, data_of(val_tokens(300), byte_table), hp, Runtime())
     assert [p.requires_grad for p in model.parameters()].count(False) == 1 and not model.smear.gate.requires_grad
     assert model.training
 
@@ -254,7 +281,7 @@ def test_ttt_leaves_the_callers_model_unchanged(byte_table):
     hp = tiny_hp(TTT_CHUNK_TOKENS="128", TTT_LR="0.05")
     model = noisy_model(hp)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trainer.evaluate_ttt(model, data_of(val_tokens(400), byte_table), hp, trainer.Runtime())
+    evaluate_ttt(model, data_of(val_tokens(400), byte_table), hp, Runtime())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -263,15 +290,80 @@ def line_shape(line: str) -> str:
     return re.sub(r"\d+", "N", line)
 
 
-def test_log_lines_have_the_reference_shapes(capsys):
-    reference = {line_shape(line) for line in REFERENCE_LOG.read_text().splitlines()}
+def test_log_lines_have_the_record_shapes(capsys):
+    reference = {line_shape(line) for line in RECORD_LOG.read_text().splitlines()}
     nll = 1.86009741 * 1000
-    result = trainer.EvalResult(nll=nll, tokens=1000.0, bytes=nll / math.log(2) / 1.10165738, seconds=165.229)
-    runtime = trainer.Runtime()
-    trainer.log_result(runtime, "final_int6_roundtrip", result)
-    trainer.log_result(runtime, "final_int6_sliding_window", result, "stride:64 ")
-    trainer.log_result(runtime, "legal_ttt", result)
+    result = EvalResult(nll=nll, tokens=1000.0, bytes=nll / math.log(2) / 1.10165738, seconds=165.229)
+    runtime = Runtime()
+    log_result(runtime, "final_int6_roundtrip", result)
+    log_result(runtime, "final_int6_sliding_window", result, "stride:64 ")
+    log_result(runtime, "legal_ttt", result)
     lines = capsys.readouterr().out.splitlines()
     assert "final_int6_sliding_window val_loss:1.8601 val_bpb:1.1017 stride:64 eval_time:165229ms" in lines
     assert "final_int6_sliding_window_exact val_loss:1.86009741 val_bpb:1.10165738" in lines
     assert len(lines) == 6 and all(line_shape(line) in reference for line in lines), lines
+
+
+@pytest.mark.parametrize("mode", SLOT_MODES)
+def test_the_plain_score_beside_slot_is_the_score_without_slot(byte_table, mode):
+    hp = tiny_hp(SLOT_MODE=mode, **SLOT)
+    model, data = noisy_model(hp), data_of(val_tokens(600), byte_table)
+    plain, adapted = evaluate_sliding(model, data, hp, Runtime())
+    without, none = evaluate_sliding(model, data, with_slot(hp, "off"), Runtime())
+    assert none is None and adapted is not None and adapted.bpb != plain.bpb
+    assert (plain.nll, plain.tokens, plain.bytes) == (without.nll, without.tokens, without.bytes)
+
+
+@pytest.mark.parametrize("settings, counted, slot, causal, accepted", [
+    ({"SLOT_ENABLED": "0"}, "final_int6_sliding_window_exact", "off", "yes", "yes"),
+    ({"SLOT_MODE": "window"}, "final_int6_sliding_window_slot_exact", "window", "yes", "no"),
+    ({"SLOT_MODE": "shared"}, "final_int6_sliding_window_slot_exact", "shared", "no", "no"),
+    ({"SLOT_MODE": "shared", "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "256"}, "legal_ttt_exact", "off", "yes", "yes"),
+], ids=["plain", "causal_slot", "shared_slot", "ttt"])
+def test_the_final_score_says_whether_it_is_causal_and_accepted(byte_table, settings, counted, slot, causal, accepted):
+    hp = tiny_hp(**{**SLOT, "TTT_ENABLED": "0", **settings})
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(400), byte_table), runtime)
+    (final,) = [line for line in lines if line.startswith("final_score ")]
+    assert re.fullmatch(rf"final_score {counted} val_bpb:[\d.]+ slot:{slot} causal:{causal} accepted:{accepted} "
+                        r"eval_total_time:\d+ms", final)
+    assert any(line.startswith("final_int6_sliding_window_exact ") for line in lines)  # the plain score, always
+    assert any("never accepted" in line for line in lines) == (slot != "off")
+    assert score_kind(slot) == (slot, causal == "yes", accepted == "yes")
+
+
+def test_the_evaluation_budget_is_warned_about_once_as_soon_as_an_estimate_passes_it():
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    clock = EvaluationClock(runtime)
+    clock.watch("sliding evaluation", 500.0)
+    assert lines == []
+    clock.watch("sliding evaluation", 700.0)
+    clock.watch("TTT chunks", 900.0)
+    assert len(lines) == 1 and lines[0].startswith("warning: evaluation is on course for ~700s (sliding evaluation), "
+                                                   "over the challenge's 600s")
+
+
+def test_slot_evaluation_reports_progress_after_every_step(byte_table, monkeypatch):
+    """A huge SLOT_STEPS is seen at once: progress counts SLOT steps, not finished batches."""
+    seen = []
+    monkeypatch.setattr(evaluation_module.Progress, "update", lambda self, done, seconds_left=None: seen.append((done, self.total)))
+    hp = tiny_hp(**{**SLOT, "SLOT_STEPS": "5"})
+    evaluate_sliding(noisy_model(hp), data_of(val_tokens(300), byte_table), hp, Runtime())
+    batches = -(-len(evaluation_windows(hp, 299, True)) // 8)
+    assert seen == [(done, 5 * batches) for done in range(1, 5 * batches + 1)]
+
+
+def test_a_non_finite_final_score_is_a_failure(byte_table, monkeypatch):
+    hp = tiny_hp(SLOT_ENABLED="0", TTT_ENABLED="0")
+    nan = EvalResult(math.nan, 1.0, 1.0, 0.0)
+    monkeypatch.setattr(evaluation_module, "evaluate_sliding", lambda *args: (nan, None))
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    with pytest.raises(evaluation_module.RunError, match=r"the final score is not finite \(nan\); the artifact is not usable"):
+        evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(300), byte_table), runtime)
+    assert lines[-1].startswith("final_score final_int6_sliding_window_exact val_bpb:nan ")

@@ -1,16 +1,20 @@
-"""tools/gpu_check.py: its CPU path end to end at a tiny size, and the attention stand-in it
-gives the reference script."""
+"""tools/gpu_check.py: its CPU path end to end at a tiny size, the attention stand-in it
+gives the record's script, and a comparison that did not happen saying so."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 
-import gpu_check
+from tools import gpu_check
 import torch
 
-import trainer
+from trainer.model import causal_attention
+from trainer.runtime import Runtime
+from trainer.settings import Hyperparameters
 from conftest import QUICK_RUN
 
 
@@ -28,7 +32,7 @@ def test_gpu_check_runs_on_cpu_and_honours_the_environment(tmp_path, quick_corpu
     assert set(report["step_split_ms"]) == {"forward", "backward", "optimiser"} and report["artifact"]["fits"]
     modes = report["evaluation"]["modes"]
     assert list(modes) == ["off", "window", "batch_causal", "shared"] and all(math.isfinite(m["val_bpb"]) for m in modes.values())
-    assert [m["legal"] for m in modes.values()] == [True, True, True, False]
+    assert [(m["causal"], m["accepted"]) for m in modes.values()] == [(True, True), (True, False), (True, False), (False, False)]
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "| ms per step (mean ± std over repeats) |" in table and "| eval shared: BPB, tokens/s |" in table
 
@@ -40,4 +44,31 @@ def test_the_attention_stand_in_is_this_trainers_attention(tmp_path, monkeypatch
     from flash_attn_interface import flash_attn_func
 
     q, k, v = torch.randn(2, 10, 4, 8), torch.randn(2, 10, 2, 8), torch.randn(2, 10, 2, 8)
-    assert torch.allclose(flash_attn_func(q, k, v, causal=True), trainer.causal_attention(q, k, v))
+    assert torch.allclose(flash_attn_func(q, k, v, causal=True), causal_attention(q, k, v))
+
+
+def test_a_record_script_that_fails_is_said_loudly(tmp_path, monkeypatch):
+    script = tmp_path / "record.py"
+    script.write_text("import sys\nprint('CUDA is required', file=sys.stderr)\nsys.exit(1)\n")
+    hp = Hyperparameters.from_env({"SMOKE": "1"})
+    numbers = gpu_check.run_record(script, hp, Runtime(), tmp_path, timeout=120)
+    assert numbers["exit_status"] != 0 and "CUDA is required" in numbers["failed"]
+    assert not list(tmp_path.glob("gpu_check_record_*")) and (tmp_path / "record_output.txt").exists()
+    report = {"training": {"ms_per_step": {"mean": 1.0, "std": 0.0}, "tokens_per_second": 1.0, "peak_memory_mib": None,
+                           "compile_and_warmup_seconds": 1.0}, "step_split_ms": {"forward": 1.0}, "settings": {"train_batch_tokens": 1},
+              "artifact": {"gptq_and_write_seconds": 1.0, "total_bytes": 1}, "evaluation": {"modes": {}},
+              "environment": {"device": "CPU", "devices": 1, "torch": "x", "attention_backend": "sdpa"}, "record": numbers}
+    assert "**The record's script did not run: exit status" in gpu_check.table(report)
+
+
+def test_a_record_script_that_times_out_leaves_no_process_behind(tmp_path):
+    marker = tmp_path / "grandchild.pid"
+    script = tmp_path / "record.py"
+    script.write_text("import subprocess, sys, time\n"
+                      f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                      f"open({str(marker)!r}, 'w').write(str(child.pid))\ntime.sleep(600)\n")
+    numbers = gpu_check.run_record(script, Hyperparameters.from_env({"SMOKE": "1"}), Runtime(), tmp_path, timeout=15)
+    assert numbers["failed"].startswith("timed out after 15s")
+    grandchild = int(marker.read_text())
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{grandchild}") or "zombie" in open(f"/proc/{grandchild}/status").read().lower()

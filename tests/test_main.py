@@ -1,43 +1,75 @@
-"""MAIN: whole runs in one process, the shipped file, and every way a run can end."""
+"""trainer.main: one whole run in one process, the shipped file behaving like the source,
+and every way a run can end (as unit tests of run_cli, and once through the shipped file)."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
-import trainer
+import trainer.main as main_module
+from trainer.artifact import running_code
+from trainer.evaluation import EvalResult
+from trainer.main import explain_score, log_run_header
+from trainer.runtime import Runtime, Terminated
+from trainer.settings import Hyperparameters, InputError, RunError
 from conftest import QUICK_RUN, ROOT, run_in_process, run_log
 
 
-@pytest.fixture
-def quick(tmp_path, quick_corpus, monkeypatch):
-    """A whole quick run in tmp_path; returns (exit status, log text, console output)."""
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory, quick_corpus):
+    """One whole quick run of the readable source, in process: (exit status, log, console)."""
+    folder = tmp_path_factory.mktemp("quick_run")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        import io
+        import contextlib
+        console = io.StringIO()
+        with contextlib.redirect_stdout(console):
+            status = run_in_process(folder, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), "SEED": "7", "SLOT_STEP": "4"},
+                                    monkeypatch)
+    return status, run_log(folder), console.getvalue(), folder
 
-    def run(argv=None, **settings):
-        status = run_in_process(tmp_path, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **settings}, monkeypatch, argv)
-        logs = list((tmp_path / "logs").glob("*.txt"))
-        return status, logs[0].read_text() if logs else ""
 
-    return run
-
-
-def test_a_quick_run_writes_a_self_describing_log(quick, tmp_path, capsys):
-    status, log = quick(SEED="7", SLOT_STEP="4")
-    out = capsys.readouterr().out
+def test_a_quick_run_writes_a_self_describing_log(quick_run):
+    status, log, out, folder = quick_run
+    lines = log.splitlines()
     assert status == 0
-    assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in log.splitlines()[2:4]
-    source_hash, shipped_hash, _ = trainer.running_code()
-    assert log.startswith(f"code: source_sha256:{source_hash[:16]} shipped_sha256:{shipped_hash[:16]}\nsettings_changed: ")
-    assert "SEED=7" in log.splitlines()[1]
-    assert re.search(r"^final_score final_int6_sliding_window_exact val_bpb:[\d.]+ slot:window legal:yes", log, re.MULTILINE)
-    assert f"Code size: {trainer.running_code()[2]} bytes" in log
-    assert f"artifact: {tmp_path / 'final_model.int6.ptz'}" in out and f"log: {tmp_path / 'logs'}" in out
-    assert re.search(r"^result: [\d.]+ bits per byte of held-out text \(lower is better; guessing uniformly scores [\d.]+; SEED=1337 gives", out, re.MULTILINE)
+    code = running_code()
+    assert lines[0] == f"log: {next((folder / 'logs').glob('*.txt'))}"
+    assert lines[1] == f"code: source_sha256:{code.source_sha256[:16]} shipped_sha256:{code.shipped_sha256[:16]}"
+    assert lines[2] == "profile: pr1217 smoke" and lines[3].startswith("settings_changed: ") and "SEED=7" in lines[3]
+    assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in lines[4:6]
+    assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)
+    assert re.search(r"^final_score final_int6_sliding_window_slot_exact val_bpb:[\d.]+ slot:window causal:yes accepted:no ",
+                     log, re.MULTILINE)
+    assert f"Code size: {code.shipped_bytes} bytes" in log
+    assert f"artifact: {folder / 'final_model.int6.ptz'}" in out and out.splitlines()[-1] == lines[0]
+    assert "result:" not in log  # the explanation is for the smoke run as shipped only
+
+
+def test_the_explanation_is_only_for_the_smoke_run_as_shipped():
+    score = EvalResult(nll=1000.0, tokens=1000.0, bytes=800.0, seconds=1.0)
+    line = explain_score(Hyperparameters.from_env({"SMOKE": "1"}), score)
+    assert re.fullmatch(r"result: 1\.8034 bits per byte of held-out text \(lower is better; guessing uniformly scores 12\.50; "
+                        r"SEED=1337 gives 1\.82 on the machine the README names\)", line)
+    assert explain_score(Hyperparameters.from_env({"SMOKE": "1", "SEED": "2"}), score) is None
+    assert explain_score(Hyperparameters.from_env({}), score) is None
+
+
+def test_the_header_says_a_run_replaces_an_earlier_artifact_and_what_the_safety_cap_does(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "final_model.int6.ptz").write_bytes(b"an earlier run's")
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    log_run_header(Hyperparameters.from_env({"SMOKE": "1"}), runtime)
+    assert "artifact: final_model.int6.ptz exists (an earlier run's); this run replaces it (set ARTIFACT_PATH to keep it)" in lines
+    assert any(line.startswith("safety_cap: training stops after 3600s even before ITERATIONS") for line in lines)
 
 
 def final_lines(output: str) -> list[str]:
@@ -46,115 +78,80 @@ def final_lines(output: str) -> list[str]:
     return [re.sub(r"(eval_time|train_time|step_avg|eval_total_time):[\d.]+ms", "", line) for line in lines]
 
 
+def shipped_run(folder, settings: dict, argv: tuple = (), **popen) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *argv], cwd=folder, text=True,
+                            env={**environ, **settings, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
 @pytest.mark.packed
-def test_the_shipped_file_behaves_like_the_source(quick, tmp_path, quick_corpus, capsys):
-    settings = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
-    status, log = quick(**settings)
-    shipped_folder = tmp_path / "shipped"
-    shipped_folder.mkdir()
-    environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK")}
-    shipped = subprocess.run([sys.executable, str(ROOT / "train_gpt.py")], cwd=shipped_folder, capture_output=True, text=True,
-                             env={**environ, **QUICK_RUN, **settings, "DATA_PATH": str(quick_corpus), "OMP_NUM_THREADS": "1"},
-                             timeout=600)
-    assert status == 0 and shipped.returncode == 0, shipped.stderr[-2000:]
-    assert final_lines(log) == final_lines(shipped.stdout) and len(final_lines(log)) > 8
-    assert trainer.running_code()[1][:16] in shipped.stdout.splitlines()[0]  # the same shipped hash either way
+def test_the_shipped_file_behaves_like_the_source(tmp_path, quick_corpus, monkeypatch):
+    settings = {**QUICK_RUN, "DATA_PATH": str(quick_corpus), "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
+    (tmp_path / "source").mkdir()
+    assert run_in_process(tmp_path / "source", settings, monkeypatch) == 0
+    (tmp_path / "shipped").mkdir()
+    stdout, stderr = shipped_run(tmp_path / "shipped", settings).communicate(timeout=600)
+    assert final_lines(run_log(tmp_path / "source")) == final_lines(stdout) and len(final_lines(stdout)) > 8, stderr[-2000:]
+    assert running_code().shipped_sha256[:16] in stdout.splitlines()[1]  # the same shipped hash either way
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"NUM_HEADS": "5"}, "error: NUM_HEADS=5 is not allowed: must divide MODEL_DIM=64"),
-    ({"TRAIN_SEQ_LEN": "x"}, "error: TRAIN_SEQ_LEN='x' is not allowed: expected an integer"),
-    ({"TOKENIZER_PATH": "missing.model"}, "error: TOKENIZER_PATH='missing.model' is not allowed: no such file"),
-])
-def test_bad_settings_stop_at_start_with_one_line(quick, capsys, settings, message):
-    status, _ = quick(**settings)
-    assert status == 2 and capsys.readouterr().err.strip().splitlines() == [message]
+@pytest.mark.packed
+@pytest.mark.parametrize("settings, argv, status, line, logged", [
+    ({"NUM_HEADS": "5"}, (), 2, r"error: NUM_HEADS=5 is not allowed: must divide MODEL_DIM=64", False),
+    ({"WORLD_SIZE": "1", "RANK": "1"}, (), 2, r"error: RANK=1 is not allowed: must lie in 0\.\.WORLD_SIZE-1=0", False),
+    ({}, ("--steps", "3"), 2, r"error: unknown argument '--steps': settings are environment variables \(see --help\)", False),
+    ({"TOKENIZER_PATH": "/dev/null"}, (), 2, r"error: TOKENIZER_PATH='/dev/null' is not allowed: not a regular file", True),
+    ({"ITERATIONS": "30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30", "GRAD_CLIP_NORM": "0"}, (), 1,
+     r"error: training loss is not finite at step \d+; stopping \(lower the LRs or check the data\)", True),
+    ({"ITERATIONS": "100000"}, ("SIGTERM",), 143, r"terminated \(SIGTERM\) during training at step \d+", True),
+], ids=["bad_setting", "bad_launch", "bad_argument", "device_as_tokenizer", "run_failure", "sigterm"])
+def test_how_the_shipped_file_ends(tmp_path, quick_corpus, settings, argv, status, line, logged):
+    """Exit status 2 for bad input (one line, at start), 1 for a failed run, 128+N for a signal;
+    the line in the log too once the log exists."""
+    process = shipped_run(tmp_path, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **settings},
+                          () if argv == ("SIGTERM",) else argv)
+    if argv == ("SIGTERM",):
+        while "step:" not in (process.stdout.readline() or "step:"):
+            pass
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == status and "Traceback" not in stderr
+    assert re.fullmatch(line, stderr.strip().splitlines()[-1]), stderr[-1000:]
+    logs = list((tmp_path / "logs").glob("*.txt"))
+    assert len(logs) == int(logged) and all(re.fullmatch(line, log.read_text().splitlines()[-1]) for log in logs)
 
 
-def test_an_unknown_argument_is_an_error(quick, capsys):
-    status, _ = quick(argv=["--steps", "3"])
-    assert status == 2 and "error: unknown argument '--steps'" in capsys.readouterr().err
+@pytest.mark.parametrize("error, status, line", [
+    (InputError("BAD=1 is not allowed: no"), 2, "error: BAD=1 is not allowed: no"),
+    (RunError("the final score is not finite (nan)"), 1, "error: the final score is not finite (nan)"),
+    (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted during training at step 4"),
+    (Terminated(), 143, "terminated (SIGTERM) during training at step 4"),
+], ids=["bad_input", "run_failure", "os_error", "ctrl_c", "sigterm"])
+def test_every_way_a_run_ends_is_one_line_and_a_status(tmp_path, monkeypatch, capsys, error, status, line):
+    def failing_run(hp, runtime):
+        runtime.stage = "during training at step 4"
+        raise error
+
+    monkeypatch.setattr(main_module, "run", failing_run)
+    assert run_in_process(tmp_path, {**QUICK_RUN, "RUN_ID": "r"}, monkeypatch) == status
+    assert capsys.readouterr().err == line + "\n"
+    assert (tmp_path / "logs" / "r.txt").read_text().splitlines()[-1] == line
 
 
-def test_a_reused_run_id_refuses_to_mix_runs(quick, tmp_path, capsys):
-    assert quick(RUN_ID="same")[0] == 0
-    first_log = (tmp_path / "logs" / "same.txt").read_text()
-    status, _ = quick(RUN_ID="same")
-    assert status == 2 and "error: RUN_ID='same' is not allowed: logs/same.txt already holds another run's log" in capsys.readouterr().err
-    assert (tmp_path / "logs" / "same.txt").read_text() == first_log
-
-
-def test_a_second_run_says_it_replaces_the_artifact(quick, capsys):
-    quick(RUN_ID="first")
-    status, _ = quick(RUN_ID="second")
-    assert status == 0 and "artifact: final_model.int6.ptz exists (an earlier run's); this run replaces it" in capsys.readouterr().out
-
-
-@pytest.mark.parametrize("call, where", [(1, "during warm-up"), (3, "during training at step 1")])
-def test_an_interrupt_says_where_the_run_was(quick, monkeypatch, capsys, call, where):
-    calls = []
-
-    def interrupted(*args):  # call 1 is the warm-up step; call 3 the second timed step, after step 1
-        calls.append(1)
-        if len(calls) == call:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    real = trainer.train_step
-    monkeypatch.setattr(trainer, "train_step", interrupted)
-    status, log = quick()
-    assert status == 130 and capsys.readouterr().err.strip() == f"interrupted {where}"
-    assert log.splitlines()[-1] == f"interrupted {where}"
-
-
-def test_a_non_finite_loss_ends_with_status_1_and_the_reason_in_the_log(quick, capsys):
-    status, log = quick(ITERATIONS="30", TIED_EMBED_LR="1e30", SCALAR_LR="1e30", GRAD_CLIP_NORM="0")
-    err = capsys.readouterr().err
-    assert status == 1 and re.search(r"^error: training loss is not finite at step \d+", err, re.MULTILINE)
-    assert "Traceback" not in err and log.splitlines()[-1].startswith("error: training loss is not finite")
-
-
-def test_non_finite_weights_are_never_exported(quick, monkeypatch, tmp_path, capsys):
-    monkeypatch.setattr(trainer.ExponentialMovingAverage, "copy_to_model",
-                        lambda self: [p.data.fill_(math.nan) for p in self.params])
-    status, log = quick()
-    assert status == 1 and "error: the trained weights hold NaN or infinite values" in capsys.readouterr().err
-    assert not (tmp_path / "final_model.int6.ptz").exists() and "error: the trained weights" in log
-
-
-def test_weights_that_overflow_float16_are_never_exported(quick, monkeypatch, tmp_path, capsys):
-    (tmp_path / "final_model.int6.ptz").write_bytes(b"an earlier run's artifact")
-    monkeypatch.setattr(trainer.ExponentialMovingAverage, "copy_to_model", lambda self: self.params[0].data.fill_(1e6))
-    status, log = quick()
-    message = "error: the trained weights do not fit the artifact (skip_weights overflows float16)"
-    assert status == 1 and message in capsys.readouterr().err and log.splitlines()[-1].startswith(message)
-    assert (tmp_path / "final_model.int6.ptz").read_bytes() == b"an earlier run's artifact"
-
-
-def test_a_non_finite_score_is_a_failure(quick, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "evaluate_sliding", lambda *a: trainer.EvalResult(math.nan, 1.0, 1.0, 0.0))
-    status, log = quick()
-    assert status == 1 and "final_score final_int6_sliding_window_exact val_bpb:nan" in log
-    assert log.splitlines()[-1] == "error: the final score is not finite (nan); the artifact is not usable"
-
-
-def test_a_failed_artifact_write_is_one_line_and_leaves_nothing(quick, monkeypatch, tmp_path, capsys):
-    def full_disk(descriptor):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(trainer.os, "fsync", full_disk)
-    status, log = quick()
-    err = capsys.readouterr().err
-    assert status == 1 and err.strip().splitlines()[-1] == \
-        "error: final_model.int6.ptz: cannot write (No space left on device); nothing was written"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["logs"] and "cannot write" in log
-
-
-def test_an_unexpected_error_is_logged_and_raised(quick, monkeypatch, tmp_path):
-    def bug(*args):
+def test_an_unexpected_error_is_logged_and_raised(tmp_path, monkeypatch):
+    def bug(hp, runtime):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(trainer, "export_artifact", bug)
+    monkeypatch.setattr(main_module, "run", bug)
     with pytest.raises(ValueError, match="a bug"):
-        quick()
+        run_in_process(tmp_path, {**QUICK_RUN, "RUN_ID": "r"}, monkeypatch)
     assert run_log(tmp_path).splitlines()[-1] == "error: unexpected ValueError: a bug (traceback on the console)"
+
+
+def test_help_lists_every_setting_without_starting_a_run(tmp_path, monkeypatch, capsys):
+    assert run_in_process(tmp_path, {}, monkeypatch, ["--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Parameter-golf trainer") and "  SLOT_STEPS " in out and not (tmp_path / "logs").exists()

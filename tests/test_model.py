@@ -5,12 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer
+from trainer.data import make_sampler
+from trainer.model import BigramHash, GPT, ModelConfig, QATLinear, apply_rotary, remove_self_value, rotary_tables, soft_round_to_grid
+from trainer.optimizer import build_optimizers
+from trainer.runtime import Runtime
+from trainer.settings import Hyperparameters
 from conftest import noisy_model, tiny_hp, tiny_model
 
 
 def test_default_model_has_the_reference_parameter_count():
-    model = trainer.GPT(trainer.ModelConfig.from_settings(trainer.Hyperparameters.from_env({})))
+    model = GPT(ModelConfig.from_settings(Hyperparameters.from_env({})))
     assert sum(p.numel() for p in model.parameters()) == 27_041_372
 
 
@@ -40,7 +44,7 @@ def test_xsa_leaves_no_component_along_v():
     torch.manual_seed(0)
     y = torch.randn(2, 5, 8, 16, dtype=torch.float64)
     v = torch.randn(2, 5, 2, 16, dtype=torch.float64)
-    out = trainer.remove_self_value(y, v)
+    out = remove_self_value(y, v)
     unit_v = v / v.norm(dim=-1, keepdim=True)
     for head in range(8):  # heads 0-3 share KV head 0, heads 4-7 KV head 1
         along = (out[:, :, head] * unit_v[:, :, head // 4]).sum(-1)
@@ -51,7 +55,7 @@ def test_xsa_leaves_no_component_along_v():
 
 
 def test_bigram_buckets_by_hand():
-    bigram = trainer.BigramHash(2816, 8, 16)
+    bigram = BigramHash(2816, 8, 16)
     tokens = torch.tensor([[5, 7, 1023, 0], [1, 1, 1, 1]])
     expected = [[2815, (36313 * 7 ^ 27191 * 5) % 2815, (36313 * 1023 ^ 27191 * 7) % 2815, (0 ^ 27191 * 1023) % 2815],
                 [2815] + [(36313 ^ 27191) % 2815] * 3]
@@ -60,8 +64,8 @@ def test_bigram_buckets_by_hand():
 
 def test_rotary_matches_a_complex_rotation_and_leaves_the_rest():
     x = torch.randn(1, 6, 2, 12, dtype=torch.float64)
-    cos, sin = trainer.rotary_tables(6, 8, 10000.0, torch.device("cpu"))
-    out = trainer.apply_rotary(x, cos.double(), sin.double())
+    cos, sin = rotary_tables(6, 8, 10000.0, torch.device("cpu"))
+    out = apply_rotary(x, cos.double(), sin.double())
     pairs = torch.complex(x[..., :4], x[..., 4:8])
     angles = torch.arange(6, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
     rotated = pairs * torch.exp(-1j * angles)[None, :, None, :]
@@ -70,22 +74,23 @@ def test_rotary_matches_a_complex_rotation_and_leaves_the_rest():
 
 
 def test_rotary_base_grows_past_1024():
-    cos, _ = trainer.rotary_tables(2048, 16, 10000.0, torch.device("cpu"))
+    cos, _ = rotary_tables(2048, 16, 10000.0, torch.device("cpu"))
     scaled_base = 10000.0 * 2 ** (16 / 14)
     assert torch.isclose(cos[0, 5, 0, 1], torch.cos(torch.tensor(5.0) / scaled_base ** (2 / 16)), atol=1e-5)
 
 
-def test_soft_round_becomes_hard_rounding():
-    # rows whose max is exactly 31 steps, values at least 0.2 steps from a rounding boundary
-    steps = torch.randint(-30, 31, (4, 32)).double()
-    steps[:, 0] = 31
+@pytest.mark.parametrize("clip_range", [31, 15])
+def test_soft_round_becomes_hard_rounding(clip_range):
+    # rows whose max is exactly clip_range steps, values at least 0.2 steps from a rounding boundary
+    steps = torch.randint(-clip_range + 1, clip_range, (4, 32)).double()
+    steps[:, 0] = clip_range
     offsets = (torch.rand(4, 32, dtype=torch.float64) - 0.5) * 0.6
     offsets[:, 0] = 0
     scale = torch.rand(4, 1, dtype=torch.float64) + 0.04
     weight = (steps + offsets) * scale
-    soft = trainer.soft_round_int6(weight, torch.tensor(100.0, dtype=torch.float64))
+    soft = soft_round_to_grid(weight, torch.tensor(100.0, dtype=torch.float64), clip_range)
     assert torch.allclose(soft.double(), steps * scale, atol=1e-5)
-    gentle = trainer.soft_round_int6(weight, torch.tensor(1.0, dtype=torch.float64))
+    gentle = soft_round_to_grid(weight, torch.tensor(1.0, dtype=torch.float64), clip_range)
     assert not torch.allclose(gentle.double(), steps * scale, atol=0.05 * float(scale.min()))
 
 
@@ -96,7 +101,7 @@ def test_late_qat_changes_only_the_small_projections_in_training():
     plain = model(tokens, tokens)
     assert {id(layer) for layer in model.qat_layers()} == {id(model.bigram.proj), id(model.value_embed.proj)}
     for layer in model.qat_layers():
-        layer.qat_sharpness = torch.tensor(16.0)
+        layer.qat_sharpness, layer.qat_clip_range = torch.tensor(16.0), 31
     assert not torch.equal(model(tokens, tokens), plain)
     model.eval()  # fake quantisation is a training-time device only
     assert torch.equal(model(tokens, tokens), plain)
@@ -104,7 +109,7 @@ def test_late_qat_changes_only_the_small_projections_in_training():
 
 @pytest.mark.parametrize("dims", [(112, 512), (16, 64)], ids=["reference_size", "tiny"])
 def test_small_projections_start_orthogonal(dims):
-    layer = trainer.QATLinear(*dims)
+    layer = QATLinear(*dims)
     weight = layer.weight.detach().double()
     assert torch.allclose(weight.T @ weight, torch.eye(dims[0], dtype=torch.float64), atol=1e-5)
 
@@ -113,10 +118,10 @@ def test_every_parameter_gets_a_gradient_and_moves(smoke_corpus):
     """Within a few steps on real tokens, no parameter is dead (a zero table behind a zero
     projection, say, would never receive a gradient)."""
     hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="1024")
-    model, runtime = tiny_model(hp), trainer.Runtime()
+    model, runtime = tiny_model(hp), Runtime()
     initial = {name: p.detach().clone() for name, p in model.named_parameters()}
-    optimizers = trainer.build_optimizers(hp, model, runtime)
-    sampler = trainer.make_sampler(hp, runtime)
+    optimizers = build_optimizers(hp, model, runtime)
+    sampler = make_sampler(hp, runtime)
     reached: set[str] = set()
     for _ in range(3):
         optimizers.zero_grad()

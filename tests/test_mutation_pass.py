@@ -8,7 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import mutation_pass
+from tools import mutation_pass
 import pytest
 
 from conftest import ROOT

@@ -8,7 +8,9 @@ import math
 import pytest
 import torch
 
-import trainer
+from trainer.optimizer import MuonEqR, build_optimizers, matrix_lr_scales, newton_schulz, normalize_rows
+from trainer.runtime import Runtime
+from trainer.settings import Hyperparameters
 from conftest import tiny_hp, tiny_model
 
 
@@ -30,9 +32,9 @@ def test_newton_schulz_matches_float64(shape):
     torch.manual_seed(0)
     update = torch.randn(*shape)
     reference = newton_schulz_float64(update)
-    exact = trainer.newton_schulz(update.double(), dtype=torch.float64)
+    exact = newton_schulz(update.double(), dtype=torch.float64)
     assert exact.shape == update.shape and torch.allclose(exact, reference, atol=1e-9)
-    in_bf16 = trainer.newton_schulz(update).double()  # what training runs: bf16 arithmetic
+    in_bf16 = newton_schulz(update).double()  # what training runs: bf16 arithmetic
     assert (in_bf16 - reference).norm() / reference.norm() < 0.08
 
 
@@ -41,13 +43,13 @@ def test_newton_schulz_keeps_the_reference_epsilon_on_tiny_gradients():
     torch.manual_seed(0)
     update = 1e-9 * torch.randn(3, 48, 32, dtype=torch.float64)  # Frobenius norm ~4e-8 per matrix
     reference = newton_schulz_float64(update)
-    assert torch.allclose(trainer.newton_schulz(update, dtype=torch.float64), reference, rtol=1e-6, atol=0)
+    assert torch.allclose(newton_schulz(update, dtype=torch.float64), reference, rtol=1e-6, atol=0)
 
 
 def test_row_normalisation_floors_tiny_rows_at_1e_7():
     rows = torch.tensor([[3.0, 4.0], [3e-4, 4e-4], [9e-8, 1.2e-7], [3e-9, 4e-9], [0.0, 0.0]], dtype=torch.float64)
     expected = torch.tensor([[0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.03, 0.04], [0.0, 0.0]], dtype=torch.float64)
-    assert torch.allclose(trainer.normalize_rows(rows), expected, rtol=1e-9, atol=0)
+    assert torch.allclose(normalize_rows(rows), expected, rtol=1e-9, atol=0)
 
 
 def muon_step_float64(bank, grad, momentum_buffer, lr, momentum, weight_decay, row_normalize):
@@ -60,8 +62,8 @@ def muon_step_float64(bank, grad, momentum_buffer, lr, momentum, weight_decay, r
 
 
 def float64_muon(bank, lr_scale, row_normalize=True):
-    return trainer.MuonEqR([bank], [lr_scale], lr=0.03, momentum=0.9, backend_steps=5, weight_decay=0.04,
-                           row_normalize=row_normalize, runtime=trainer.Runtime(), ns_dtype=torch.float64)
+    return MuonEqR([bank], [lr_scale], lr=0.03, momentum=0.9, backend_steps=5, weight_decay=0.04,
+                           row_normalize=row_normalize, runtime=Runtime(), ns_dtype=torch.float64)
 
 
 @pytest.mark.parametrize("row_normalize", [True, False])
@@ -100,9 +102,9 @@ def test_scaling_a_matrix_gradient_changes_nothing(row_normalize):
 
 def test_early_layers_lr_scale_really_scales_their_updates():
     hp = tiny_hp(NUM_LAYERS="4", EARLY_LAYERS="2", EARLY_LAYERS_LR_SCALE="0.5")
-    scales = trainer.matrix_lr_scales(hp, 8, torch.device("cpu"))  # q of layers 0-3, then out-proj of layers 0-3
+    scales = matrix_lr_scales(hp, 8, torch.device("cpu"))  # q of layers 0-3, then out-proj of layers 0-3
     assert scales.tolist() == [0.5, 0.5, 1.0, 1.0, 0.5, 0.5, 1.0, 1.0]
-    assert trainer.matrix_lr_scales(trainer.Hyperparameters.from_env({}), 22, torch.device("cpu")).eq(1.0).all()
+    assert matrix_lr_scales(Hyperparameters.from_env({}), 22, torch.device("cpu")).eq(1.0).all()
     bank = torch.nn.Parameter(torch.zeros(8, 16, 16, dtype=torch.float64))
     float64_muon(bank, scales.double()).step([torch.randn(16, 16, dtype=torch.float64).expand(8, 16, 16).clone()])
     norms = bank.detach().flatten(1).norm(dim=1)
@@ -126,9 +128,9 @@ def test_sharded_muon_applies_each_gathered_update_only_after_it_arrives():
     torch.manual_seed(3)
     start = [torch.randn(4, 24, 16, dtype=torch.float64), torch.randn(3, 16, 40, dtype=torch.float64)]
     results = []
-    for runtime in (trainer.Runtime(), DeferredGather()):
+    for runtime in (Runtime(), DeferredGather()):
         banks = [torch.nn.Parameter(bank.clone()) for bank in start]
-        muon = trainer.MuonEqR(banks, [torch.ones(len(b), dtype=torch.float64) for b in banks], lr=0.03, momentum=0.9,
+        muon = MuonEqR(banks, [torch.ones(len(b), dtype=torch.float64) for b in banks], lr=0.03, momentum=0.9,
                                backend_steps=5, weight_decay=0.04, row_normalize=True, runtime=runtime,
                                ns_dtype=torch.float64)
         muon.comm_dtype = torch.float64
@@ -143,7 +145,7 @@ def test_sharded_muon_applies_each_gathered_update_only_after_it_arrives():
 def test_a_parameter_the_forward_missed_gets_a_zero_gradient():
     hp = tiny_hp()
     model = tiny_model(hp)
-    optimizers = trainer.build_optimizers(hp, model, trainer.Runtime())
+    optimizers = build_optimizers(hp, model, Runtime())
     for param in model.parameters():
         param.grad = torch.ones_like(param)
     missed = optimizers.replicated[-1]
@@ -157,7 +159,7 @@ def test_a_parameter_the_forward_missed_gets_a_zero_gradient():
 def test_every_parameter_has_exactly_one_optimiser():
     hp = tiny_hp()
     model = tiny_model(hp)
-    optimizers = trainer.build_optimizers(hp, model, trainer.Runtime())
+    optimizers = build_optimizers(hp, model, Runtime())
     owned = [p for opt in optimizers.all() for group in opt.param_groups for p in group["params"]]
     assert len(owned) == len({id(p) for p in owned}) == len(list(model.parameters()))
 
@@ -165,7 +167,7 @@ def test_every_parameter_has_exactly_one_optimiser():
 def test_global_norm_clipping_covers_banks_and_the_rest():
     hp = tiny_hp()
     model = tiny_model(hp)
-    optimizers = trainer.build_optimizers(hp, model, trainer.Runtime())
+    optimizers = build_optimizers(hp, model, Runtime())
     for param in model.parameters():
         param.grad = torch.full_like(param, 2.0)
     total = 2.0 * math.sqrt(sum(p.numel() for p in model.parameters()))
@@ -185,7 +187,7 @@ def test_global_norm_clipping_covers_banks_and_the_rest():
 
 def test_schedule_sets_every_group():
     hp = tiny_hp()
-    optimizers = trainer.build_optimizers(hp, tiny_model(hp), trainer.Runtime())
+    optimizers = build_optimizers(hp, tiny_model(hp), Runtime())
     optimizers.set_schedule(0.5, 0.95)
     assert [g["lr"] for g in optimizers.adam.param_groups] == [hp.tied_embed_lr * 0.5, hp.scalar_lr * 0.5]
     assert {g["lr"] for g in optimizers.muon.param_groups} == {hp.matrix_lr * 0.5}

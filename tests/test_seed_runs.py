@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import seed_runs
+from tools import seed_runs
 
 from conftest import QUICK_RUN, ROOT
 from test_submission import GOOD_LOG, TTT_LINES, final_score

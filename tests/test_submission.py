@@ -10,9 +10,9 @@ import pytest
 
 from conftest import ROOT
 
-import submission
+from tools import submission
 
-LOGS = ROOT / "tests" / "data" / "reference-logs"
+LOGS = ROOT / "tests" / "data" / "record-logs"
 SEED_1337, SEED_42 = LOGS / "train_seed1337.log", LOGS / "train_seed42.log"
 
 GOOD_LOG = """train_loader:dataset:fineweb10B_sp1024 train_shards:80 tokens:8000000000

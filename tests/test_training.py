@@ -5,45 +5,51 @@ from __future__ import annotations
 import pytest
 import torch
 
-import trainer
+from trainer.data import load_validation_tokens, make_sampler
+from trainer.evaluation import EvalData, build_token_bytes, evaluate_sliding, evaluate_standard
+from trainer.optimizer import build_optimizers
+from trainer.runtime import Progress, Runtime
+from trainer.settings import Hyperparameters, RunError
+from trainer.training import ExponentialMovingAverage, LateQAT, lr_multiplier, muon_momentum_at, train, train_step, warm_up_and_reset
+import trainer.training as training_module
 from conftest import tiny_hp, tiny_model
 
 
 def test_wallclock_warmdown_ends_at_the_cap():
-    hp = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "100"})
+    hp = Hyperparameters.from_env({"WARMDOWN_ITERS": "100"})
     # 10 ms per step: warmdown lasts 1000 ms and ends at the 5000 ms cap
-    assert trainer.lr_multiplier(hp, 100, 1000.0, 5000.0) == 1.0
-    assert trainer.lr_multiplier(hp, 400, 4000.0, 5000.0) == 1.0
-    assert trainer.lr_multiplier(hp, 450, 4500.0, 5000.0) == pytest.approx(0.5)
-    assert trainer.lr_multiplier(hp, 500, 5000.0, 5000.0) == 0.0
+    assert lr_multiplier(hp, 100, 1000.0, 5000.0) == 1.0
+    assert lr_multiplier(hp, 400, 4000.0, 5000.0) == 1.0
+    assert lr_multiplier(hp, 450, 4500.0, 5000.0) == pytest.approx(0.5)
+    assert lr_multiplier(hp, 500, 5000.0, 5000.0) == 0.0
     # 20 ms per step: the warmdown starts earlier (at 3000 ms)
-    assert trainer.lr_multiplier(hp, 150, 3000.0, 5000.0) == pytest.approx(1.0)
-    assert trainer.lr_multiplier(hp, 200, 4000.0, 5000.0) == pytest.approx(0.5)
+    assert lr_multiplier(hp, 150, 3000.0, 5000.0) == pytest.approx(1.0)
+    assert lr_multiplier(hp, 200, 4000.0, 5000.0) == pytest.approx(0.5)
     # WARMDOWN_ITERS=1 still warms down (over the last step's time) when there is a cap
-    one_step = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "1"})
-    assert trainer.lr_multiplier(one_step, 9, 9000.0, 9500.0) == pytest.approx(0.5)
+    one_step = Hyperparameters.from_env({"WARMDOWN_ITERS": "1"})
+    assert lr_multiplier(one_step, 9, 9000.0, 9500.0) == pytest.approx(0.5)
 
 
 def test_step_schedule_without_a_cap():
-    hp = trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "1000"})
-    assert [trainer.lr_multiplier(hp, s, 0.0, None) for s in (0, 900, 950, 999, 1000)] == [1.0, 1.0, 0.5, 0.01, 0.0]
-    assert trainer.lr_multiplier(trainer.Hyperparameters.from_env({"WARMDOWN_ITERS": "0"}), 19999, 0.0, None) == 1.0
+    hp = Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "1000"})
+    assert [lr_multiplier(hp, s, 0.0, None) for s in (0, 900, 950, 999, 1000)] == [1.0, 1.0, 0.5, 0.01, 0.0]
+    assert lr_multiplier(Hyperparameters.from_env({"WARMDOWN_ITERS": "0"}), 19999, 0.0, None) == 1.0
 
 
 def test_momentum_warms_up_linearly():
-    hp = trainer.Hyperparameters.from_env({})
-    assert trainer.muon_momentum_at(hp, 0) == 0.92
-    assert trainer.muon_momentum_at(hp, 750) == pytest.approx(0.955)
-    assert trainer.muon_momentum_at(hp, 1500) == trainer.muon_momentum_at(hp, 5000) == 0.99
-    no_warmup = trainer.Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "0"})
-    assert trainer.muon_momentum_at(no_warmup, 0) == 0.99
-    one_step = trainer.Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "1"})
-    assert trainer.muon_momentum_at(one_step, 0) == 0.92 and trainer.muon_momentum_at(one_step, 1) == 0.99
+    hp = Hyperparameters.from_env({})
+    assert muon_momentum_at(hp, 0) == 0.92
+    assert muon_momentum_at(hp, 750) == pytest.approx(0.955)
+    assert muon_momentum_at(hp, 1500) == muon_momentum_at(hp, 5000) == 0.99
+    no_warmup = Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "0"})
+    assert muon_momentum_at(no_warmup, 0) == 0.99
+    one_step = Hyperparameters.from_env({"MUON_MOMENTUM_WARMUP_STEPS": "1"})
+    assert muon_momentum_at(one_step, 0) == 0.92 and muon_momentum_at(one_step, 1) == 0.99
 
 
 def test_ema_follows_its_formula():
     model = torch.nn.Linear(3, 2)
-    ema = trainer.ExponentialMovingAverage(model, 0.9)
+    ema = ExponentialMovingAverage(model, 0.9)
     expected = [p.detach().double().clone() for p in model.parameters()]
     for _ in range(3):
         with torch.no_grad():
@@ -58,7 +64,7 @@ def test_ema_follows_its_formula():
 def test_late_qat_switches_on_below_the_threshold_and_ramps_its_sharpness():
     hp = tiny_hp(LATE_QAT_THRESHOLD="0.15", LATE_QAT_MIN_STEP="100")
     model = tiny_model(hp)
-    qat = trainer.LateQAT(hp, model, trainer.Runtime())
+    qat = LateQAT(hp, model, Runtime())
     qat.after_step(50, 0.1)  # below the threshold, but before the earliest step
     qat.after_step(120, 0.2)  # late enough, but above the threshold
     assert qat.start_step is None and all(layer.qat_sharpness is None for layer in model.qat_layers())
@@ -75,7 +81,7 @@ def test_late_qat_switches_on_below_the_threshold_and_ramps_its_sharpness():
 
 def test_late_qat_needs_an_lr_strictly_below_the_threshold_and_starts_at_its_earliest_step():
     hp = tiny_hp(LATE_QAT_THRESHOLD="0.15", LATE_QAT_MIN_STEP="100")
-    qat = trainer.LateQAT(hp, tiny_model(hp), trainer.Runtime())
+    qat = LateQAT(hp, tiny_model(hp), Runtime())
     qat.after_step(100, 0.15)  # at the threshold: not below it
     assert qat.start_step is None
     qat.after_step(100, 0.1499)  # LATE_QAT_MIN_STEP itself is early enough
@@ -84,8 +90,8 @@ def test_late_qat_needs_an_lr_strictly_below_the_threshold_and_starts_at_its_ear
 
 def test_train_step_averages_its_micro_batches_from_fresh_gradients():
     hp = tiny_hp()
-    model, runtime = tiny_model(hp), trainer.Runtime()
-    optimizers = trainer.build_optimizers(hp, model, runtime)
+    model, runtime = tiny_model(hp), Runtime()
+    optimizers = build_optimizers(hp, model, runtime)
     tokens = torch.randint(0, 1024, (2, 2, 33), generator=torch.Generator().manual_seed(3))
     batches = [(rows[:, :-1], rows[:, 1:]) for rows in tokens]
     losses = [model(x, y) for x, y in batches]
@@ -93,7 +99,7 @@ def test_train_step_averages_its_micro_batches_from_fresh_gradients():
     seen = []
     optimizers.step = lambda clip_norm: seen.append([p.grad.clone() if p.grad is not None else None for p in model.parameters()])
     for _ in range(2):  # the second step must not add to the first one's gradients
-        loss = trainer.train_step(model, optimizers, batches, hp, runtime)
+        loss = train_step(model, optimizers, batches, hp, runtime)
         assert float(loss) == pytest.approx(float(sum(losses).detach()) / 2, rel=1e-6)
     for grads in seen:
         for got, want in zip(grads, expected):
@@ -102,16 +108,16 @@ def test_train_step_averages_its_micro_batches_from_fresh_gradients():
 
 def test_warm_up_leaves_weights_optimiser_state_and_data_order_as_before(smoke_corpus):
     hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", WARMUP_STEPS="3")
-    model, runtime = tiny_model(hp), trainer.Runtime()
-    optimizers = trainer.build_optimizers(hp, model, runtime)
+    model, runtime = tiny_model(hp), Runtime()
+    optimizers = build_optimizers(hp, model, runtime)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    first_batches = trainer.make_sampler(hp, runtime).next_step(runtime)
-    qat = trainer.LateQAT(hp, model, runtime)
-    trainer.warm_up_and_reset(hp, model, model, optimizers, qat, runtime)
+    first_batches = make_sampler(hp, runtime).next_step(runtime)
+    qat = LateQAT(hp, model, runtime)
+    warm_up_and_reset(hp, model, model, optimizers, qat, runtime)
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert all(optimizer.state_dict()["state"] == {} for optimizer in optimizers.all())
     assert all(layer.qat_sharpness is None for layer in model.qat_layers())
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first_batches, trainer.make_sampler(hp, runtime).next_step(runtime)))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first_batches, make_sampler(hp, runtime).next_step(runtime)))
 
 
 @pytest.mark.parametrize("warmup_steps, threshold, expected", [
@@ -120,11 +126,11 @@ def test_warm_up_runs_its_steps_with_late_qat_only_in_the_last(smoke_corpus, mon
     """The last warm-up step compiles the late-QAT graph, so the timed run never does."""
     hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", WARMUP_STEPS=warmup_steps,
                  LATE_QAT_THRESHOLD=threshold)
-    model, runtime = tiny_model(hp), trainer.Runtime()
+    model, runtime = tiny_model(hp), Runtime()
     seen = []
-    monkeypatch.setattr(trainer, "train_step", lambda *args: seen.append(model.bigram.proj.qat_sharpness is not None))
-    trainer.warm_up_and_reset(hp, model, model, trainer.build_optimizers(hp, model, runtime),
-                              trainer.LateQAT(hp, model, runtime), runtime)
+    monkeypatch.setattr(training_module, "train_step", lambda *args: seen.append(model.bigram.proj.qat_sharpness is not None))
+    warm_up_and_reset(hp, model, model, build_optimizers(hp, model, runtime),
+                              LateQAT(hp, model, runtime), runtime)
     assert seen == expected and model.bigram.proj.qat_sharpness is None
 
 
@@ -146,8 +152,8 @@ def timed_run(smoke_corpus, tokenizer, monkeypatch):
     def run(learn: bool = True, **settings):
         hp = tiny_hp(**{"DATA_PATH": str(smoke_corpus), "TRAIN_BATCH_TOKENS": "512", "VAL_LOSS_EVERY": "0",
                         "TRAIN_LOG_EVERY": "1", "GPTQ_RESERVE_MS": "0", **settings})
-        model, runtime, clock, steps = tiny_model(hp), trainer.Runtime(), FakeClock(), []
-        real_step = trainer.train_step
+        model, runtime, clock, steps = tiny_model(hp), Runtime(), FakeClock(), []
+        real_step = train_step
 
         def timed_step(train_model, optimizers, batches, hp, runtime):
             loss = real_step(train_model, optimizers, batches, hp, runtime) if learn else torch.tensor(2.5)
@@ -157,20 +163,20 @@ def timed_run(smoke_corpus, tokenizer, monkeypatch):
             clock.now += 1.0
             return loss
 
-        real_evaluation = trainer.evaluate_standard
+        real_evaluation = evaluate_standard
 
         def timed_evaluation(*args, **kwargs):  # validation takes time too, which is not training time
             clock.now += 0.5
             return real_evaluation(*args, **kwargs)
 
-        monkeypatch.setattr(trainer, "train_step", timed_step)
-        monkeypatch.setattr(trainer, "evaluate_standard", timed_evaluation)
-        data = trainer.EvalData(trainer.load_validation_tokens(hp.val_files, 64, 1024, runtime)[:2049],
-                                trainer.build_token_bytes(tokenizer, 1024, runtime.device))
+        monkeypatch.setattr(training_module, "train_step", timed_step)
+        monkeypatch.setattr(training_module, "evaluate_standard", timed_evaluation)
+        data = EvalData(load_validation_tokens(hp.val_files, 64, 1024, runtime)[:2049],
+                                build_token_bytes(tokenizer, 1024, runtime.device))
         initial = [p.detach().double().clone() for p in model.parameters()]
         log: list[str] = []
-        monkeypatch.setattr(trainer.Runtime, "log", lambda self, message, console=True: log.append(message))
-        trainer.train(hp, model, data, runtime, clock=clock)
+        monkeypatch.setattr(Runtime, "log", lambda self, message, console=True: log.append(message))
+        train(hp, model, data, runtime, clock=clock)
         return hp, model, steps[hp.warmup_steps:], initial, log
 
     return run
@@ -188,14 +194,27 @@ def test_the_wallclock_cap_shapes_the_schedule_and_stops_training(timed_run):
 def test_the_safety_cap_stops_without_shaping_the_schedule(timed_run):
     hp, _, steps, _, log = timed_run(SAFETY_CAP_SECONDS="6", WARMDOWN_ITERS="4", ITERATIONS="8", WARMUP_STEPS="0")
     assert [s["lr"] / hp.matrix_lr for s in steps] == pytest.approx([1, 1, 1, 1, 1, 0.75])  # the step schedule
-    assert "stopping_early: safety_cap train_time:6000ms step:6/8" in log and any("SAFETY_CAP_SECONDS" in m for m in log)
+    assert "stopping_early: safety_cap train_time:6000ms step:6/8" in log
 
 
-def test_a_cap_under_a_second_still_stops_and_the_gptq_reserve_comes_off_it(timed_run):
+@pytest.mark.parametrize("cap, reserve_ms, steps_run", [("10", "0", 10), ("10", "2000", 8), ("10", "2500", 7), ("7.5", "0", 7)])
+def test_the_step_after_the_late_flag_still_ends_within_the_cap(timed_run, cap, reserve_ms, steps_run):
+    """The stop flags are read a step late, so one more step runs after the step that saw
+    the cap near: it is raised two average steps ahead, and that last step ends in time."""
+    hp, _, steps, _, log = timed_run(False, MAX_WALLCLOCK_SECONDS=cap, GPTQ_RESERVE_MS=reserve_ms, ITERATIONS="100",
+                                     WARMUP_STEPS="0", WARMDOWN_ITERS="3")
+    effective = 1000 * float(cap) - float(reserve_ms)
+    assert len(steps) == steps_run and steps_run * 1000 <= effective < (steps_run + 1) * 1000
+    assert f"stopping_early: wallclock_cap train_time:{steps_run * 1000}ms step:{steps_run}/100" in log
+    assert steps[-1]["lr"] > 0  # the last step still learns: the warmdown ends at the cap
+
+
+def test_a_cap_shorter_than_two_steps_runs_two(timed_run):
+    """The only overshoot left: with the flags a step late, at least two steps run."""
     _, _, steps, _, log = timed_run(False, MAX_WALLCLOCK_SECONDS="1", GPTQ_RESERVE_MS="500", ITERATIONS="5",
                                     WARMUP_STEPS="0")
-    assert len(steps) == 1 and any(m.endswith("effective=500ms") for m in log)
-    assert "stopping_early: wallclock_cap train_time:1000ms step:1/5" in log
+    assert len(steps) == 2 and any(m.endswith("effective=500ms") for m in log)
+    assert "stopping_early: wallclock_cap train_time:2000ms step:2/5" in log
 
 
 def test_validation_runs_every_n_steps_and_its_time_is_not_training_time(timed_run):
@@ -226,7 +245,7 @@ def test_a_cap_first_seen_at_the_last_step_is_not_an_early_stop(timed_run):
                                                 ({"ITERATIONS": "100", "MAX_WALLCLOCK_SECONDS": "3"}, [2, 1, 0])])
 def test_the_progress_estimate_is_the_time_left_to_the_nearer_end(timed_run, monkeypatch, settings, expected):
     estimates = []
-    monkeypatch.setattr(trainer.Progress, "update", lambda self, done, seconds_left=None: estimates.append(seconds_left))
+    monkeypatch.setattr(Progress, "update", lambda self, done, seconds_left=None: estimates.append(seconds_left))
     timed_run(False, WARMUP_STEPS="0", **settings)
     assert estimates == pytest.approx(expected)
 
@@ -242,8 +261,8 @@ def test_the_exported_weights_are_the_ema_of_the_steps(timed_run):
 
 def test_timed_steps_see_the_data_from_its_start_after_warm_up(timed_run, smoke_corpus):
     hp, _, steps, _, _ = timed_run(ITERATIONS="3", WARMUP_STEPS="2")
-    fresh = trainer.make_sampler(hp, trainer.Runtime())
-    assert all(torch.equal(step["inputs"], fresh.next_step(trainer.Runtime())[0][0]) for step in steps)
+    fresh = make_sampler(hp, Runtime())
+    assert all(torch.equal(step["inputs"], fresh.next_step(Runtime())[0][0]) for step in steps)
 
 
 def test_late_qat_starts_the_step_after_the_lr_falls_below_the_threshold(timed_run):
@@ -256,7 +275,7 @@ def test_late_qat_starts_the_step_after_the_lr_falls_below_the_threshold(timed_r
 
 
 def test_a_non_finite_loss_stops_with_its_step(timed_run):
-    with pytest.raises(trainer.RunFailure, match=r"training loss is not finite at step \d+"):
+    with pytest.raises(RunError, match=r"training loss is not finite at step \d+"):
         timed_run(ITERATIONS="30", WARMUP_STEPS="0", TIED_EMBED_LR="1e30", SCALAR_LR="1e30", GRAD_CLIP_NORM="0")
 
 
@@ -273,19 +292,46 @@ def test_every_timed_path_compiles_once_and_matches_eager(smoke_corpus, tokenize
     for compiled in (False, True):
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        runtime = trainer.Runtime(compile_enabled=compiled, compile_backend="eager")
-        data = trainer.EvalData(trainer.load_validation_tokens(hp.val_files, 64, 1024, runtime)[:1000],
-                                trainer.build_token_bytes(tokenizer, 1024, runtime.device))
+        runtime = Runtime(compile_enabled=compiled, compile_backend="eager")
+        data = EvalData(load_validation_tokens(hp.val_files, 64, 1024, runtime)[:1000],
+                                build_token_bytes(tokenizer, 1024, runtime.device))
         log: list[str] = []
         runtime.log = lambda message, console=True: log.append(message)
         model = tiny_model(hp)
-        trainer.train(hp, model, data, runtime)
+        train(hp, model, data, runtime)
         after_training = dict(torch._dynamo.utils.counters["stats"])
         for _ in range(2):
-            trainer.evaluate_sliding(model, data, hp, runtime, slot=True)  # 60 windows: the last batch is short
+            evaluate_sliding(model, data, hp, runtime)  # 60 windows: the last batch is short
         losses[compiled] = [float(m.split("train_loss:")[1].split()[0]) for m in log if "train_loss:" in m]
         if compiled:
             assert after_training["unique_graphs"] == 3  # train, train with QAT, validation
             assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 5  # + hidden states, SLOT objective
             assert torch._dynamo.utils.counters["stats"]["calls_captured"] > 0
     assert len(losses[True]) == 6 and losses[True] == pytest.approx(losses[False], abs=2e-4)
+
+
+@pytest.mark.parametrize("call, stage", [(1, "during warm-up"), (3, "during training at step 1")])
+def test_an_interrupt_leaves_the_stage_it_came_in(smoke_corpus, monkeypatch, call, stage):
+    """The stage run_cli names when a run is interrupted: warm-up, then the timed steps."""
+    calls = []
+
+    def interrupted(*args):  # call 1 is the warm-up step; call 3 the second timed step, after step 1
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return torch.tensor(2.5)
+
+    hp = tiny_hp(DATA_PATH=str(smoke_corpus), ITERATIONS="5", WARMUP_STEPS="1", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="0")
+    runtime = Runtime()
+    monkeypatch.setattr(training_module, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(hp, tiny_model(hp), None, runtime)
+    assert runtime.stage == stage
+
+
+def test_late_qat_uses_the_quant_clip_range():
+    hp = tiny_hp(QUANT_CLIP_RANGE="15", LATE_QAT_THRESHOLD="0.5")
+    model = tiny_model(hp)
+    qat = LateQAT(hp, model, Runtime())
+    qat.switch(True)
+    assert {(layer.qat_clip_range, layer.qat_sharpness is qat.sharpness) for layer in model.qat_layers()} == {(15, True)}

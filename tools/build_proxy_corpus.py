@@ -41,9 +41,10 @@ from typing import Iterator
 
 import numpy as np
 
-from export_text import DEFAULT_TOKENIZER, ShardWriter
-from repo import ROOT
-from trainer import BOS_ID, read_shard, write_atomic
+from tools.export_text import DEFAULT_TOKENIZER, ShardWriter
+from tools import ROOT
+from trainer.files import write_atomic
+from trainer.shards import BOS_ID, read_shard
 
 
 @dataclass(frozen=True)

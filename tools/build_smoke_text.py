@@ -20,8 +20,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import repo  # noqa: F401  (puts src/ on the path)
-from trainer import SMOKE_TEXT, write_atomic
+from trainer.data import SMOKE_TEXT
+from trainer.files import write_atomic
 
 MIN_PARAGRAPH_CHARS, MIN_DOCSTRING_CHARS = 40, 200
 

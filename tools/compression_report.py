@@ -1,11 +1,12 @@
 """How many bytes an artifact's tensors take under different serialisations.
 
-    python tools/compression_report.py final_model.int6.ptz
+    python tools/compression_report.py final_model.int6.ptz            # settings from the environment
+    SMOKE=1 python tools/compression_report.py final_model.int6.ptz    # the smoke run's settings
 
-Decodes the artifact and compresses its payload, byte-shuffled as the trainer writes it
-and unshuffled, with several brotli settings (and LZMA for comparison), one line per
-setting. The artifact format itself is fixed in src/trainer.py; this tool measures the
-choice.
+Decodes the artifact (never to more bytes than an artifact of the settings' model can
+hold) and compresses its payload, byte-shuffled as the trainer writes it and unshuffled,
+with several brotli settings (and LZMA for comparison), one line per setting. The
+artifact format itself is fixed in src/trainer/artifact.py; this tool measures the choice.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 
 import brotli
 
-import repo  # noqa: F401  (puts src/ on the path)
-import trainer
+from trainer.artifact import artifact_payload, body_limit, read_artifact
+from trainer.model import ModelConfig
+from trainer.settings import Hyperparameters, InputError
 
 SETTINGS = [("brotli q11 (the trainer's)", lambda data: brotli.compress(data, quality=11)),
             ("brotli q11 lgwin=24", lambda data: brotli.compress(data, quality=11, lgwin=24)),
@@ -32,11 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("artifact", type=Path)
     args = parser.parse_args(argv)
     try:
-        tensors, _ = trainer.read_artifact(args.artifact)
-    except trainer.ArtifactError as error:
+        limit = body_limit(ModelConfig.from_settings(Hyperparameters.from_env()))
+        tensors, _ = read_artifact(args.artifact, limit)
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    shuffled, unshuffled = (trainer.artifact_payload(tensors, shuffle)[1] for shuffle in (True, False))
+    shuffled, unshuffled = (artifact_payload(tensors, shuffle)[1] for shuffle in (True, False))
     print(f"{args.artifact}: {args.artifact.stat().st_size} bytes as written; raw tensors {len(unshuffled)} bytes")
     print(f"{'setting':<34} {'shuffled':>10} {'unshuffled':>11} {'seconds':>8}")
     for name, compress in SETTINGS:

@@ -19,8 +19,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from repo import ROOT
-from trainer import DataError, read_shard
+from tools import ROOT
+from trainer.settings import InputError
+from trainer.shards import read_shard
 
 REPO_ID = "willdepueoai/parameter-golf"
 REMOTE_ROOT = "datasets"
@@ -76,7 +77,7 @@ def is_complete(path: Path) -> bool:
     try:
         read_shard(path)
         return True
-    except DataError:
+    except InputError:
         return False
 
 
@@ -90,7 +91,7 @@ def download(remotes: list[str], out: Path, fetch: Fetch, log: Callable[[str], N
         fetch(remote, destination)
         if not is_complete(destination):
             destination.unlink(missing_ok=True)
-            raise DataError(f"{destination}: downloaded file failed the header/size check and was deleted; run again")
+            raise InputError(f"{destination}: downloaded file failed the header/size check and was deleted; run again")
         log(f"[{index}/{len(remotes)}] {destination}")
         written.append(destination)
     return written
@@ -129,7 +130,7 @@ def main() -> int:
         hugging_face_fetch(f"{REMOTE_ROOT}/manifest.json", manifest_file)
         remotes = plan_downloads(json.loads(manifest_file.read_text()), args.variant, args.train_shards)
         download(remotes, args.out, hugging_face_fetch)
-    except (ManifestError, DataError, json.JSONDecodeError) as error:
+    except (ManifestError, InputError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"done: {dataset_name(args.variant)} with {args.train_shards} training shards under {args.out}")

@@ -23,8 +23,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from repo import ROOT
-from trainer import BOS_ID, write_atomic, write_shard
+from tools import ROOT
+from trainer.files import write_atomic
+from trainer.shards import BOS_ID, write_shard
 
 DEFAULT_TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 

@@ -2,8 +2,8 @@
 what every SLOT mode scores and costs, how long GPTQ takes and how big the artifact is.
 
     python tools/gpu_check.py results/                          # the default 27M model
-    python tools/gpu_check.py results/ --reference ref/train_gpt.py  # and the record's script beside it
-    python tools/gpu_check.py results/ --tiny --steps 3         # the embedded default's model (any CPU)
+    python tools/gpu_check.py results/ --record ref/train_gpt.py   # and the record's script beside it
+    python tools/gpu_check.py results/ --tiny --steps 3         # the smoke run's model (any CPU)
 
 Settings come from the environment as for train_gpt.py (DATA_PATH: the tokens to train
 and evaluate on; with --tiny, variables that are set still win over the small profile).
@@ -13,9 +13,12 @@ loop splits a step into forward, backward and optimiser with CUDA events. With s
 GPUs the tool re-runs itself under torchrun on all of them. It writes gpu_check.json and
 gpu_check.md (a table) into the folder given.
 
---reference runs the parameter-golf record's script (kept outside this repository) with
-the same settings and tokens, giving it a stand-in `flash_attn_interface` module that
-uses PyTorch's attention, as this trainer does without FlashAttention-3.
+--record runs the PR #1217 record's script (kept outside this repository) with the same
+settings and tokens, in a temporary folder of its own, giving it a stand-in
+`flash_attn_interface` module that uses PyTorch's attention, as this trainer does without
+FlashAttention-3. A comparison that did not happen (the script failed, timed out or
+printed none of the numbers) says so in the table and makes the exit status 3; a timeout
+stops the script's whole process group.
 """
 
 from __future__ import annotations
@@ -26,19 +29,30 @@ import dataclasses
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
-import repo  # noqa: F401  (puts src/ on the path)
 import torch
-import trainer
+from trainer.artifact import export_artifact, load_quantized_model
+from trainer.data import make_sampler
+from trainer.evaluation import CAUSAL_SLOT_MODES, SLOT_LABELS, EvalData, evaluate_sliding, score_kind, with_slot
+from trainer.files import bundled_file, write_atomic
+from trainer.main import gpu_description, load_data
+from trainer.model import GPT, ModelConfig, enable_flash_attention_3
+from trainer.optimizer import build_optimizers
+from trainer.runtime import Runtime, start_runtime
+from trainer.settings import Hyperparameters, InputError
+import trainer.training as training
+from trainer.training import train, train_step
 
-SLOT_MODES = ("off", *trainer.SLOT_MODES)
-# What the reference record was run with (its README), on top of its own defaults.
-REFERENCE_SETTINGS = {"QK_GAIN_INIT": "5.0", "SLOT_ENABLED": "1", "SLOT_STEPS": "8", "SLOT_LR": "0.005"}
+# What the PR #1217 record was run with (its README), on top of its own defaults.
+RECORD_SETTINGS = {"QK_GAIN_INIT": "5.0", "SLOT_ENABLED": "1", "SLOT_STEPS": "8", "SLOT_LR": "0.005"}
 FLASH_ATTENTION_STAND_IN = '''"""Stand-in for FlashAttention-3's interface, written by tools/gpu_check.py: PyTorch's attention."""
 import torch.nn.functional as F
 
@@ -50,7 +64,7 @@ def flash_attn_func(q, k, v, causal=True):
 '''
 
 
-def environment(runtime: trainer.Runtime) -> dict:
+def environment(runtime: Runtime) -> dict:
     try:
         import flash_attn_interface  # noqa: F401
         flash_attention_3 = True
@@ -64,8 +78,8 @@ def environment(runtime: trainer.Runtime) -> dict:
     on_gpu = runtime.device.type == "cuda"
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
             "device": torch.cuda.get_device_name(runtime.device) if on_gpu else f"CPU ({os.cpu_count()} cores)",
-            "devices": runtime.world_size, "gpu": trainer.gpu_description(runtime.device) if on_gpu else None,
-            "attention_backend": "flash_attention_3" if trainer.FLASH_ATTENTION_3 is not None else "sdpa",
+            "devices": runtime.world_size, "gpu": gpu_description(runtime.device) if on_gpu else None,
+            "attention_backend": "flash_attention_3" if enable_flash_attention_3(runtime.device) else "sdpa",
             "flash_attention_3_importable": flash_attention_3, "brotli": brotli_version}
 
 
@@ -75,11 +89,11 @@ def spread(values: list[float]) -> dict:
     return {"mean": mean, "std": deviation, "values": values}
 
 
-def measure_training(hp: trainer.Hyperparameters, data: trainer.EvalData, runtime: trainer.Runtime,
-                     repeats: int) -> tuple[dict, trainer.GPT]:
+def measure_training(hp: Hyperparameters, data: EvalData, runtime: Runtime,
+                     repeats: int) -> tuple[dict, GPT]:
     """The trainer's own loop, `repeats` times; ms/step from its final validation line."""
     step_ms, warmup_seconds, peaks = [], [], []
-    real_warm_up, lines = trainer.warm_up_and_reset, []
+    real_warm_up, lines = training.warm_up_and_reset, []
 
     def timed_warm_up(*args):
         runtime.synchronize()
@@ -88,21 +102,21 @@ def measure_training(hp: trainer.Hyperparameters, data: trainer.EvalData, runtim
         runtime.synchronize()
         warmup_seconds.append(time.perf_counter() - started)
 
-    trainer.warm_up_and_reset = timed_warm_up
+    training.warm_up_and_reset = timed_warm_up
     runtime.log = lambda message, console=True: lines.append(message)
     try:
         for _ in range(repeats):
             if runtime.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(runtime.device)
             torch.manual_seed(hp.seed)
-            model = trainer.GPT(trainer.ModelConfig.from_settings(hp)).to(runtime.device)
+            model = GPT(ModelConfig.from_settings(hp)).to(runtime.device)
             lines.clear()
-            trainer.train(hp, model, data, runtime)
+            train(hp, model, data, runtime)
             final = next(line for line in reversed(lines) if re.match(rf"step:{hp.iterations}/\d+ val_loss", line))
             step_ms.append(float(re.search(r"step_avg:([\d.]+)ms", final)[1]))
             peaks.append(torch.cuda.max_memory_allocated(runtime.device) / 2**20 if runtime.device.type == "cuda" else None)
     finally:
-        trainer.warm_up_and_reset = real_warm_up
+        training.warm_up_and_reset = real_warm_up
         del runtime.log
     step = spread(step_ms)
     return {"steps": hp.iterations, "warmup_steps": hp.warmup_steps, "repeats": repeats, "ms_per_step": step,
@@ -114,7 +128,7 @@ def measure_training(hp: trainer.Hyperparameters, data: trainer.EvalData, runtim
 class Marks:
     """Time marks on the device's own clock: CUDA events on a GPU, the host clock on a CPU."""
 
-    def __init__(self, runtime: trainer.Runtime):
+    def __init__(self, runtime: Runtime):
         self.on_gpu, self.marks = runtime.device.type == "cuda", []
 
     def mark(self) -> None:
@@ -130,10 +144,10 @@ class Marks:
         return [a.elapsed_time(b) if self.on_gpu else 1000 * (b - a) for a, b in pairs]
 
 
-def measure_step_split(hp: trainer.Hyperparameters, model: trainer.GPT, runtime: trainer.Runtime, steps: int) -> dict:
+def measure_step_split(hp: Hyperparameters, model: GPT, runtime: Runtime, steps: int) -> dict:
     """Forward, backward and optimiser milliseconds per step, after the loop's compilation."""
-    train_model, optimizers = runtime.compile(model), trainer.build_optimizers(hp, model, runtime)
-    sampler = trainer.make_sampler(hp, runtime)
+    train_model, optimizers = runtime.compile(model), build_optimizers(hp, model, runtime)
+    sampler = make_sampler(hp, runtime)
     totals = {"forward": 0.0, "backward": 0.0, "optimiser": 0.0}
     for _ in range(steps):
         batches, marks = sampler.next_step(runtime), Marks(runtime)
@@ -155,88 +169,112 @@ def measure_step_split(hp: trainer.Hyperparameters, model: trainer.GPT, runtime:
     return {name: value / steps for name, value in totals.items()}
 
 
-def warm_every_mode(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData, runtime: trainer.Runtime) -> None:
+def warm_every_mode(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime) -> None:
     """Evaluate a few batches in every SLOT mode, so no timing or sync count includes compiling."""
     short = dataclasses.replace(data, val_tokens=data.val_tokens[: hp.eval_seq_len + hp.eval_batch_seqs * hp.eval_stride + 1])
-    for mode in SLOT_MODES:
-        settings = dataclasses.replace(hp, slot_mode=mode if mode != "off" else hp.slot_mode)
-        trainer.evaluate_sliding(model, short, settings, runtime, slot=mode != "off")
+    for mode in SLOT_LABELS:
+        evaluate_sliding(model, short, with_slot(hp, mode), runtime)
 
 
-def count_host_syncs(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData,
-                     runtime: trainer.Runtime) -> dict | None:
+def count_host_syncs(hp: Hyperparameters, model: GPT, data: EvalData,
+                     runtime: Runtime) -> dict | None:
     """Synchronising calls in a few training steps and one evaluation batch per SLOT mode,
     as torch.cuda.set_sync_debug_mode reports them (CUDA only)."""
     if runtime.device.type != "cuda":
         return None
-    optimizers, sampler = trainer.build_optimizers(hp, model, runtime), trainer.make_sampler(hp, runtime)
+    optimizers, sampler = build_optimizers(hp, model, runtime), make_sampler(hp, runtime)
     train_model = runtime.compile(model)
     short = dataclasses.replace(data, val_tokens=data.val_tokens[: hp.eval_seq_len + hp.eval_batch_seqs * hp.eval_stride + 1])
-    trainer.train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)  # compiled before counting
+    train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)  # compiled before counting
     warm_every_mode(hp, model, data, runtime)
     found: dict[str, list[str]] = {}
-    for phase in ("train_step", *SLOT_MODES):
+    for phase in ("train_step", *SLOT_LABELS):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             if phase == "train_step":
                 for _ in range(3):
-                    trainer.train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
+                    train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
             else:
-                settings = dataclasses.replace(hp, slot_mode=phase if phase != "off" else hp.slot_mode)
-                trainer.evaluate_sliding(model, short, settings, runtime, slot=phase != "off")
+                evaluate_sliding(model, short, with_slot(hp, phase), runtime)
             torch.cuda.set_sync_debug_mode("default")
         found[phase] = sorted({str(w.message).split("\n")[0] for w in caught})
     return found
 
 
-def measure_evaluation(hp: trainer.Hyperparameters, model: trainer.GPT, data: trainer.EvalData,
-                       runtime: trainer.Runtime, tokens: int) -> dict:
+def measure_evaluation(hp: Hyperparameters, model: GPT, data: EvalData,
+                       runtime: Runtime, tokens: int) -> dict:
     """Every SLOT mode on the same slice of validation tokens: BPB, seconds, tokens/s."""
     sliced = dataclasses.replace(data, val_tokens=data.val_tokens[: tokens + 1])
     warm_every_mode(hp, model, data, runtime)
     results = {}
-    for mode in SLOT_MODES:
-        settings = dataclasses.replace(hp, slot_mode=mode if mode != "off" else hp.slot_mode)
+    for mode in SLOT_LABELS:
         runtime.synchronize()
-        result = trainer.evaluate_sliding(model, sliced, settings, runtime, slot=mode != "off")
+        plain, adapted = evaluate_sliding(model, sliced, with_slot(hp, mode), runtime)
+        result, kind = adapted or plain, score_kind(mode)
         results[mode] = {"val_bpb": result.bpb, "seconds": result.seconds, "tokens_per_second": result.tokens / result.seconds,
-                         "legal": mode == "off" or mode in trainer.LEGAL_SLOT_MODES}
+                         "causal": kind.causal, "accepted": kind.accepted}
     plain = results["off"]["val_bpb"]
     leak = plain - results["shared"]["val_bpb"]
-    for mode in trainer.LEGAL_SLOT_MODES:
+    for mode in CAUSAL_SLOT_MODES:
         results[mode]["share_of_shared_gain"] = (plain - results[mode]["val_bpb"]) / leak if leak else None
     return {"tokens": tokens, "modes": results}
 
 
-def measure_artifact(hp: trainer.Hyperparameters, model: trainer.GPT, runtime: trainer.Runtime, out: Path) -> dict:
-    hp = dataclasses.replace(hp, artifact_path=str(out / "gpu_check.int6.ptz"))
+def measure_artifact(hp: Hyperparameters, model: GPT, runtime: Runtime, out: Path) -> tuple[dict, bytes]:
     runtime.synchronize()
     started = time.perf_counter()
-    report = trainer.export_artifact(hp, model, runtime)
+    report = export_artifact(hp, model, runtime, out / "gpu_check.int6.ptz")
     seconds = time.perf_counter() - started
     return {"gptq_and_write_seconds": seconds, "model_bytes": report.model_bytes, "code_bytes": report.code_bytes,
-            "total_bytes": report.total_bytes, "fits": not report.over_limit}
+            "total_bytes": report.total_bytes, "fits": not report.over_limit}, report.blob
 
 
-def run_reference(script: Path, hp: trainer.Hyperparameters, runtime: trainer.Runtime, out: Path, timeout: int) -> dict:
-    """The record's script with the same data, steps and caps; its own log lines parsed."""
-    stand_in = out / "reference_stand_in"
-    stand_in.mkdir(exist_ok=True)
-    (stand_in / "flash_attn_interface.py").write_text(FLASH_ATTENTION_STAND_IN)
-    environ = {**os.environ, **REFERENCE_SETTINGS, "DATA_PATH": str(Path(hp.data_path).resolve()),
-               "TOKENIZER_PATH": str(trainer.bundled_file(hp.tokenizer_path)), "ITERATIONS": str(hp.iterations),
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), found before any is stopped."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children.get(parent, [])]
+        found += frontier
+    return found
+
+
+def run_record(script: Path, hp: Hyperparameters, runtime: Runtime, out: Path, timeout: int) -> dict:
+    """The record's script with the same data, steps and caps, in a temporary folder of its
+    own (its ~108 MB model file goes with it); its own log lines parsed. "failed" says why
+    when the comparison did not happen."""
+    work = Path(tempfile.mkdtemp(prefix="gpu_check_record_"))
+    (work / "flash_attn_interface.py").write_text(FLASH_ATTENTION_STAND_IN)
+    environ = {**os.environ, **RECORD_SETTINGS, "DATA_PATH": str(Path(hp.data_path).resolve()),
+               "TOKENIZER_PATH": str(bundled_file(hp.tokenizer_path).resolve()), "ITERATIONS": str(hp.iterations),
                "WARMUP_STEPS": str(hp.warmup_steps), "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
                "TRAIN_BATCH_TOKENS": str(hp.train_batch_tokens), "TRAIN_SEQ_LEN": str(hp.train_seq_len),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(stand_in), os.environ.get("PYTHONPATH")]))}
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={runtime.world_size}", str(script.resolve())]
     started = time.perf_counter()
+    process = subprocess.Popen(command, cwd=work, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        result = subprocess.run(command, cwd=out, env=environ, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as expired:
-        return {"exit_status": None, "timed_out_after_seconds": timeout, "output_tail": str(expired.stdout or "")[-2000:]}
-    (out / "reference_output.txt").write_text(result.stdout + result.stderr)
-    numbers = {"exit_status": result.returncode, "wall_seconds": time.perf_counter() - started}
+        output, _ = process.communicate(timeout=timeout)
+        numbers: dict = {"exit_status": process.returncode}
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *descendants(process.pid)]:  # torchrun starts its workers in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        output, _ = process.communicate()
+        numbers = {"exit_status": None, "failed": f"timed out after {timeout}s (stopped with its workers)"}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (out / "record_output.txt").write_text(output or "")
+    numbers["wall_seconds"] = time.perf_counter() - started
     patterns = {"ms_per_step": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:\S+ train_time:\S+ step_avg:([\d.]+)ms",
                 "pre_quantisation_val_bpb": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:([\d.]+)",
                 "peak_memory_mib": r"peak memory allocated: (\d+) MiB", "model_bytes": r"Serialized model int6\+brotli: (\d+) bytes",
@@ -244,14 +282,18 @@ def run_reference(script: Path, hp: trainer.Hyperparameters, runtime: trainer.Ru
                 "sliding_slot_val_bpb": r"final_int6_sliding_window_exact val_loss:\S+ val_bpb:([\d.]+)",
                 "sliding_slot_eval_ms": r"final_int6_sliding_window val_loss:\S+ val_bpb:\S+ stride:\d+ eval_time:(\d+)ms"}
     for name, pattern in patterns.items():
-        match = re.search(pattern, result.stdout)
+        match = re.search(pattern, output or "")
         numbers[name] = float(match[1]) if match else None
+    if "failed" not in numbers and (numbers["exit_status"] != 0 or all(numbers[name] is None for name in patterns)):
+        lines = [line.strip() for line in (output or "").splitlines() if line.strip()] or ["no output"]
+        reason = next((line for line in lines if re.search(r"Error|error|required", line)), lines[-1])
+        numbers["failed"] = f"exit status {numbers['exit_status']} ({reason[:200]}; see record_output.txt)"
     return numbers
 
 
 def table(report: dict) -> str:
-    """The readable summary: one row per measurement, ours beside the reference's."""
-    training, reference = report["training"], report.get("reference") or {}
+    """The readable summary: one row per measurement, ours beside the record's."""
+    training, reference = report["training"], report.get("record") or {}
     rows = [("ms per step (mean ± std over repeats)", f"{training['ms_per_step']['mean']:.1f} ± {training['ms_per_step']['std']:.1f}",
              reference.get("ms_per_step")),
             ("tokens per second", f"{training['tokens_per_second']:,.0f}",
@@ -265,7 +307,9 @@ def table(report: dict) -> str:
         rows.append((f"eval {mode}: BPB, tokens/s", f"{result['val_bpb']:.6f}, {result['tokens_per_second']:,.0f}", None))
     lines = [f"# gpu_check: {report['environment']['device']} x{report['environment']['devices']}, torch "
              f"{report['environment']['torch']}, attention {report['environment']['attention_backend']}", "",
-             "| measurement | ours | reference |", "| --- | --- | --- |"]
+             "| measurement | ours | the record's script |", "| --- | --- | --- |"]
+    if reference.get("failed"):
+        lines[1:1] = [f"**The record's script did not run: {reference['failed']}. Its column is empty.**", ""]
     lines += [f"| {name} | {ours} | {'' if theirs is None else theirs} |" for name, ours, theirs in rows]
     return "\n".join(lines) + "\n"
 
@@ -283,24 +327,24 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder for gpu_check.json and gpu_check.md")
-    parser.add_argument("--tiny", action="store_true", help="the embedded default's model (SMOKE=1 under the environment)")
+    parser.add_argument("--tiny", action="store_true", help="the smoke run's model (SMOKE=1 under the environment)")
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per repeat")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up (compile) steps before them")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--split-steps", type=int, default=3, help="steps split into forward/backward/optimiser")
     parser.add_argument("--eval-tokens", type=int, default=1_048_576, help="validation tokens each SLOT mode scores")
-    parser.add_argument("--reference", type=Path, help="the record's train_gpt.py, to run beside ours")
-    parser.add_argument("--reference-timeout", type=int, default=1800, help="seconds")
+    parser.add_argument("--record", type=Path, help="the PR #1217 record's train_gpt.py, to run beside ours")
+    parser.add_argument("--record-timeout", type=int, default=1800, help="seconds")
     args = parser.parse_args(argv)
     if (status := relaunch_on_every_gpu(argv)) is not None:
         return status
     try:
         environ = {**({"SMOKE": "1"} if args.tiny else {}), **os.environ}
-        hp = trainer.Hyperparameters.from_env({**environ, "ITERATIONS": str(args.steps), "WARMUP_STEPS": str(args.warmup),
+        hp = Hyperparameters.from_env({**environ, "ITERATIONS": str(args.steps), "WARMUP_STEPS": str(args.warmup),
                                                "MAX_WALLCLOCK_SECONDS": "0", "SAFETY_CAP_SECONDS": "0", "VAL_LOSS_EVERY": "0"})
-        runtime = trainer.start_runtime(hp)
-        data = trainer.load_data(hp, runtime)
-    except (trainer.ConfigError, trainer.DataError) as error:
+        runtime = start_runtime(hp)
+        data = load_data(hp, runtime)
+    except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
@@ -308,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save() -> None:  # after every phase: a later failure or timeout keeps what was measured
         if runtime.is_main:
-            trainer.write_atomic(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str).encode())
+            write_atomic(args.out / "gpu_check.json", json.dumps(report, indent=2, default=str).encode())
 
     # the loop validates on a slice: the whole FineWeb validation set would dominate the time
     loop_data = dataclasses.replace(data, val_tokens=data.val_tokens[: args.eval_tokens + 1])
@@ -318,17 +362,20 @@ def main(argv: list[str] | None = None) -> int:
     report["step_split_ms"] = measure_step_split(hp, copy.deepcopy(model), runtime, args.split_steps)
     report["host_syncs"] = count_host_syncs(hp, copy.deepcopy(model), data, runtime)
     save()
-    report["artifact"] = measure_artifact(hp, model, runtime, args.out)
-    quantized = trainer.load_quantized_model(model.config, args.out / "gpu_check.int6.ptz", runtime)
+    report["artifact"], blob = measure_artifact(hp, model, runtime, args.out)
+    quantized = load_quantized_model(model.config, blob, str(args.out / "gpu_check.int6.ptz"), runtime)
     report["evaluation"] = measure_evaluation(hp, quantized, data, runtime, args.eval_tokens)
     save()
-    if args.reference and runtime.is_main:
-        report["reference"] = run_reference(args.reference, hp, runtime, args.out, args.reference_timeout)
+    if args.record and runtime.is_main:
+        report["record"] = run_record(args.record, hp, runtime, args.out, args.record_timeout)
         save()
     if runtime.is_main:
-        trainer.write_atomic(args.out / "gpu_check.md", table(report).encode())
+        write_atomic(args.out / "gpu_check.md", table(report).encode())
         print(table(report))
     runtime.close()
+    if (report.get("record") or {}).get("failed"):
+        print(f"error: the record's script did not run: {report['record']['failed']}", file=sys.stderr)
+        return 3
     return 0
 
 

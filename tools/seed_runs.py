@@ -29,8 +29,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import submission
-from repo import ROOT
+from tools import submission
+from tools import ROOT
 
 DEFAULT_SEEDS = [1337, 42, 2024]
 # settings the trainer reads as paths relative to its working folder

@@ -27,8 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import repo  # noqa: F401  (puts src/ on the path)
-from trainer import SIZE_LIMIT_BYTES, WriteError, write_atomic
+from trainer.files import write_atomic
+from trainer.settings import RunError, SIZE_LIMIT_BYTES
 
 TIME_LIMIT_MS = 600_000
 RECORD_MARGIN_NATS = 0.005
@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
             plot_losses(logs, args.plot)
         if args.write:
             write_atomic(args.write, text.encode())
-    except (LogError, WriteError) as error:
+    except (LogError, RunError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if not args.write:

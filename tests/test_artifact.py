@@ -1,0 +1,357 @@
+"""trainer.artifact: grids and floors, GPTQ against a textbook re-implementation, the
+artifact format and its bounds, the 16 MB accounting, a run's own artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import resource
+import zlib
+
+import brotli
+import pytest
+import torch
+
+from trainer.artifact import (ARTIFACT_MAGIC, ArtifactReport, artifact_target, bank_matrix_names, body_limit, byte_shuffle,
+                              decode_artifact, dequantize_rows, encode_artifact, export_artifact, file_signature, gptq_quantize, hessian_error,
+                              load_quantized_model, quantize_rows_int6, quantize_rows_int8, quantize_state, read_artifact, rebank,
+                              row_scales, unbank)
+from trainer.model import ModelConfig
+from trainer.runtime import Runtime
+from trainer.settings import InputError, RunError
+from conftest import ROOT, tiny_hp, tiny_model
+
+
+def grid_matrix(rows: int, cols: int, clip_range: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = torch.randint(-clip_range, clip_range + 1, (rows, cols), dtype=torch.int8)
+    q[:, 0] = clip_range  # every row reaches the edge of the grid
+    scale = (torch.rand(rows) + 0.1).to(torch.float16)
+    return q, scale, q.float() * scale.float()[:, None]
+
+
+@pytest.mark.parametrize("quantize, clip_range", [(quantize_rows_int6, 31), (quantize_rows_int8, 127)])
+def test_round_trip_is_exact_on_the_grid(quantize, clip_range):
+    torch.manual_seed(0)
+    q, scale, weight = grid_matrix(16, 300, clip_range)
+    got_q, got_scale = quantize(weight)
+    assert torch.equal(dequantize_rows(got_q, got_scale), weight)
+    assert got_q.dtype == torch.int8 and int(got_q.abs().max()) <= clip_range
+
+
+def test_scale_floor_binds_below_one_unless_fine():
+    weight = torch.tensor([[0.5, -0.25, 0.1], [62.0, 1.0, -3.0]])
+    assert row_scales(weight, 1.0, 31, floor=True).float().tolist() == pytest.approx([1 / 31, 2.0], rel=1e-3)
+    assert row_scales(weight, 1.0, 31, floor=False).float().tolist() == pytest.approx([0.5 / 31, 2.0], rel=1e-3)
+    assert quantize_rows_int8(weight)[1].float()[0] == pytest.approx(1 / 127, rel=1e-3)
+    assert quantize_rows_int8(weight, floor=False)[1].float()[0] == pytest.approx(0.5 / 127, rel=1e-3)
+
+
+def test_int8_rows_round_with_the_float32_scale_and_store_it_as_fp16():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 2048) * 3.0
+    clip = torch.quantile(weight.abs(), 0.9999984, dim=1).clamp_min(1.0)  # the record's quantile and 1/127 floor
+    expected = torch.clamp(torch.round(weight / (clip / 127)[:, None]), -127, 127).to(torch.int8)
+    q, scale = quantize_rows_int8(weight)
+    assert torch.equal(q, expected) and torch.equal(scale, (clip / 127).half())
+    rounded_with_fp16 = torch.clamp(torch.round(weight / scale.float()[:, None]), -127, 127).to(torch.int8)
+    assert not torch.equal(q, rounded_with_fp16)  # the two roundings really differ on such rows
+
+
+def test_small_rows_keep_their_resolution_only_with_fine_scales():
+    weight = torch.randn(8, 64) * 0.02  # max well below 1: the floor coarsens the whole row
+    coarse = dequantize_rows(*quantize_rows_int6(weight))
+    fine = dequantize_rows(*quantize_rows_int6(weight, floor=False))
+    assert (fine - weight).abs().max() < 0.05 * weight.abs().max() < (coarse - weight).abs().max()
+
+
+@pytest.mark.parametrize("row_scale", [0.0, 1e-7])
+def test_zero_and_tiny_rows_quantise_to_finite_values(row_scale):
+    weight = torch.randn(4, 64)
+    weight[1] *= row_scale
+    for floor in (True, False):
+        for q, scale in (quantize_rows_int6(weight, floor=floor), quantize_rows_int8(weight, floor=floor)):
+            restored = dequantize_rows(q, scale)
+            assert scale.float().min() > 0 and torch.isfinite(restored).all()
+            assert (restored[1] - weight[1]).abs().max() <= 1e-6
+
+
+def correlated_layer(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(64, 64, generator=generator) * torch.logspace(0, -2, 64)[:, None]
+    inputs = torch.randn(4096, 64, generator=generator) @ mixing  # strongly correlated features
+    hessian = inputs.T @ inputs / len(inputs)
+    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(64)
+    return torch.randn(48, 64, generator=generator) * 0.3, hessian
+
+
+def textbook_gptq(weight, hessian, fine: bool):
+    """GPTQ written out column by column in float64, with the variant's three choices."""
+    weight, hessian = weight.double(), hessian.double().clone()
+    if not fine:
+        hessian += 0.01 * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=torch.float64)
+    order = torch.argsort(hessian.diagonal(), descending=True)
+    upper = torch.linalg.cholesky(torch.linalg.inv(hessian[order][:, order])).T
+    best = None
+    for quantile in (0.999, 0.9995, 0.9999, 0.99999, 1.0):
+        clip = torch.quantile(weight.abs().float(), quantile, dim=1).double() if quantile < 1 else weight.abs().amax(1)
+        scale = (clip / 31).clamp_min(1 / 31 if not fine else 2.0**-24).half().double()
+        work, q = weight[:, order].clone(), torch.zeros_like(weight)
+        for j in range(weight.size(1)):
+            q[:, j] = torch.clamp(torch.round(work[:, j] / scale), -31, 31)
+            error = (work[:, j] - q[:, j] * scale) / upper[j, j]
+            work[:, j:] -= error[:, None] * upper[j, j:][None, :]
+        q = q[:, torch.argsort(order)]
+        residual = weight - q * scale[:, None]
+        error = float(((residual @ hessian) * residual).sum()) if fine else float(residual.square().sum())
+        if best is None or error < best[0]:
+            best = (error, q, scale)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("fine", [False, True], ids=["reference", "fine_scales"])
+def test_gptq_matches_a_textbook_version(fine):
+    weight, hessian = correlated_layer()
+    q, scale, used = gptq_quantize(weight, hessian, block_size=16, fine=fine)
+    expected_q, expected_scale = textbook_gptq(weight, hessian, fine)
+    assert used and torch.equal(scale.double(), expected_scale)
+    assert (q.double() == expected_q).float().mean() > 0.99  # float32 vs float64 may flip a rare rounding
+
+
+def test_gptq_beats_plain_rounding_on_the_hessian_weighted_error():
+    weight, hessian = correlated_layer()
+    for fine in (False, True):
+        gptq = gptq_quantize(weight, hessian, block_size=16, fine=fine)[:2]
+        plain = quantize_rows_int6(weight, floor=not fine)
+        assert hessian_error(weight, *gptq, hessian) < 0.8 * hessian_error(weight, *plain, hessian)
+
+
+@pytest.mark.parametrize("hessian", [-torch.eye(32), torch.full((32, 32), float("nan"))], ids=["negative", "nan"])
+def test_cholesky_failure_falls_back_to_rounding(hessian):
+    weight = torch.randn(16, 32)
+    q, scale, used = gptq_quantize(weight, hessian)
+    plain_q, plain_scale = quantize_rows_int6(weight)
+    assert not used and torch.equal(q, plain_q) and torch.equal(scale, plain_scale)
+
+
+def sample_tensors():
+    return {"a.q": torch.randint(-31, 32, (7, 5), dtype=torch.int8), "a.scale": torch.rand(7).half(),
+            "gain": torch.randn(3), "empty": torch.zeros(0, 4).half()}
+
+
+def test_artifact_round_trip(tmp_path):
+    tensors, meta = sample_tensors(), {"schemes": {"a": "int6"}, "model": {"num_layers": 2}}
+    blob = encode_artifact(tensors, meta)
+    loaded, loaded_meta = decode_artifact(blob, "m.ptz", len(blob) * 100)
+    assert loaded_meta == meta and loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors)
+
+
+def damaged_blobs():
+    blob = encode_artifact(sample_tensors(), {"x": 1})
+    middle = len(blob) // 2
+    yield "flipped", blob[:middle] + bytes([blob[middle] ^ 0xFF]) + blob[middle + 1:]
+    for cut in (len(ARTIFACT_MAGIC), middle, len(blob) - 1):
+        yield f"truncated{cut}", blob[:cut]
+    yield "pickle", pickle.dumps({"w": torch.zeros(3)})
+    yield "random", bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("kind, blob", list(damaged_blobs()), ids=[k for k, _ in damaged_blobs()])
+def test_damaged_artifacts_give_a_clear_error(tmp_path, kind, blob):
+    path = tmp_path / "final_model.int6.ptz"
+    path.write_bytes(blob)
+    with pytest.raises(InputError) as caught:
+        read_artifact(path, 10**6)
+    assert str(path) in str(caught.value)
+
+
+def forged_blob(entries: list[dict], payload: bytes) -> bytes:
+    header = json.dumps({"tensors": entries, "meta": {}}).encode()
+    stream = brotli.compress(len(header).to_bytes(4, "little") + header + payload)
+    return ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
+
+
+@pytest.mark.parametrize("entry, payload, message", [
+    ({"shape": [1000], "offset": 0, "bytes": 2000}, b"\0" * 10, "outside the payload"),
+    ({"shape": [-1], "offset": 0, "bytes": -2}, b"", "outside the payload"),
+    ({"shape": [5], "offset": 0, "bytes": 10}, b"\0" * 12, "2 payload bytes belong to no tensor"),
+    ({"shape": [2], "offset": 0, "bytes": 4}, torch.tensor([1.0, float("nan")]).half().numpy().tobytes(), "NaN or infinite"),
+], ids=["past_the_end", "negative_shape", "trailing_bytes", "nan_weights"])
+def test_forged_headers_are_refused(entry, payload, message):
+    blob = forged_blob([{"name": "x", "dtype": "float16", **entry}], byte_shuffle(payload, 2))
+    with pytest.raises(InputError, match=message):
+        decode_artifact(blob, "forged.ptz", 10**6)
+
+
+def test_missing_artifact_is_named(tmp_path):
+    with pytest.raises(InputError, match="nothing.ptz: cannot read artifact"):
+        read_artifact(tmp_path / "nothing.ptz", 10**6)
+
+
+def test_model_state_survives_unbank_and_rebank():
+    hp = tiny_hp()
+    state = tiny_model(hp).state_dict()
+    rebuilt = rebank(unbank(state, hp.num_layers), hp.num_layers)
+    assert rebuilt.keys() == state.keys() and all(torch.equal(rebuilt[k], state[k]) for k in state)
+
+
+def identity_hessians(hp):
+    return {f"blocks.{i}.{key}": torch.eye(n) for i in range(hp.num_layers)
+            for key, n in (("qkv", hp.model_dim), ("out", hp.model_dim), ("up", hp.model_dim), ("down", int(hp.mlp_mult * hp.model_dim)))}
+
+
+def test_block_matrices_go_through_gptq_and_small_tensors_stay_fp16():
+    hp = tiny_hp()
+    tensors, schemes, gptq_count = quantize_state(hp, tiny_model(hp).state_dict(), identity_hessians(hp), Runtime())
+    assert gptq_count == 6 * hp.num_layers and {schemes[n] for n in bank_matrix_names(hp.num_layers)} == {"int6"}
+    assert schemes["smear.gate"] == schemes["bigram.proj.weight"] == "fp16"
+    assert schemes["tok_emb.weight"] == "fp16"  # 1024 x 64 = 65,536 values: exactly the small-tensor limit
+    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2")
+    _, schemes, _ = quantize_state(hp, tiny_model(hp).state_dict(), identity_hessians(hp), Runtime())
+    assert schemes["tok_emb.weight"] == "int8"  # 1024 x 128: one past the limit
+
+
+def test_quantised_model_loads_into_a_fresh_model_and_checks_its_config(tmp_path):
+    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5")
+    model = tiny_model(hp)
+    hessians = identity_hessians(hp)
+    with torch.no_grad():
+        model.mlp_down_bank.normal_(std=0.05)  # zero at init: give GPTQ something to round
+    tensors, schemes, _ = quantize_state(hp, model.state_dict(), hessians, Runtime())
+    blob = encode_artifact(tensors, {"schemes": schemes, "model": model.config.function_fields()})
+    fresh = load_quantized_model(model.config, blob, "m.ptz", Runtime())
+    for name, original in model.state_dict().items():
+        assert torch.allclose(fresh.state_dict()[name], original, atol=0.02), name
+    other = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+                                                       NEGATIVE_SLOPE="0.3"))
+    with pytest.raises(InputError, match="m.ptz: made with a model whose negative_slope is 0.5, but these settings give 0.3"):
+        load_quantized_model(other, blob, "m.ptz", Runtime())
+    reseeded = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+                                                          QK_GAIN_INIT="1.5"))
+    load_quantized_model(reseeded, blob, "m.ptz", Runtime())  # an init setting does not matter
+
+
+def test_over_the_size_limit_is_exactly_one_byte_past_16mb():
+    fits = ArtifactReport(path=ROOT / "x.ptz", blob=bytes(15_972_601), code_bytes=27_399)
+    over = ArtifactReport(path=ROOT / "x.ptz", blob=bytes(15_972_602), code_bytes=27_399)
+    assert fits.total_bytes == 16_000_000 and not fits.over_limit and over.over_limit
+
+
+def stream_blob(stream: bytes) -> bytes:
+    return ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
+
+
+def test_a_crafted_stream_that_expands_hugely_is_refused_without_filling_the_memory():
+    bomb = brotli.compress(bytes(1 << 30), quality=5)  # 1 GiB of zeros in a few hundred bytes
+    assert len(bomb) < 10_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match=r"bomb.ptz: decompresses to more than 2000000 bytes"):
+        decode_artifact(stream_blob(bomb), "bomb.ptz", 2_000_000)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: far below 1 GiB
+
+
+def test_the_limit_is_what_a_valid_artifact_of_the_model_can_hold():
+    hp = tiny_hp()
+    config = ModelConfig.from_settings(hp)
+    model = tiny_model(hp)
+    params = sum(p.numel() for p in model.parameters())
+    assert 4 * params < body_limit(config) < 4 * params + 2**20
+    tensors, schemes, _ = quantize_state(hp, model.state_dict(), identity_hessians(hp), Runtime())
+    blob = encode_artifact(tensors, {"schemes": schemes, "model": config.function_fields()})
+    load_quantized_model(config, blob, "m.ptz", Runtime())  # a real one fits well inside
+
+
+@pytest.mark.parametrize("header", [
+    [], {"tensors": {"x": 1}, "meta": {}}, {"tensors": [["x"]], "meta": {}}, {"tensors": [], "meta": []},
+    {"tensors": [{"name": "x", "dtype": "float16", "shape": "2", "offset": 0, "bytes": 4}], "meta": {}},
+    {"tensors": [{"name": 5, "dtype": "float16", "shape": [2], "offset": 0, "bytes": 4}], "meta": {}},
+    {"tensors": [{"name": "x", "dtype": "float16", "shape": [2], "offset": True, "bytes": 4}], "meta": {}},
+], ids=["list_header", "dict_tensors", "list_entry", "list_meta", "string_shape", "int_name", "bool_offset"])
+def test_metadata_of_the_wrong_types_is_one_line(header):
+    body = json.dumps(header).encode()
+    payload = b"" if not isinstance(header, dict) or not header.get("tensors") else bytes(4)
+    blob = stream_blob(brotli.compress(len(body).to_bytes(4, "little") + body + payload))
+    with pytest.raises(InputError, match=r"^crafted.ptz: corrupt \("):
+        decode_artifact(blob, "crafted.ptz", 10**6)
+
+
+@pytest.mark.parametrize("meta", [{"schemes": [], "model": {}}, {"schemes": {}, "model": 3}, {}])
+def test_an_artifact_without_the_model_or_schemes_is_one_line(meta):
+    config = ModelConfig.from_settings(tiny_hp())
+    with pytest.raises(InputError, match=r"crafted.ptz: corrupt \(the metadata lacks"):
+        load_quantized_model(config, encode_artifact({}, meta), "crafted.ptz", Runtime())
+
+
+def test_a_run_writes_beside_a_file_another_run_wrote_after_it_started(tmp_path):
+    path = tmp_path / "final_model.int6.ptz"
+    hp = tiny_hp(ARTIFACT_PATH=str(path))
+    logged = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: logged.append(message)
+    assert artifact_target(hp, file_signature(path), "run1", runtime) == path  # nothing there: its own path
+    path.write_bytes(b"an earlier run's")
+    seen = file_signature(path)
+    assert artifact_target(hp, seen, "run1", runtime) == path  # there at start: replaced, as the start said
+    path.write_bytes(b"another run's, written meanwhile")
+    assert artifact_target(hp, seen, "run1", runtime) == tmp_path / "final_model.int6.run1.ptz"
+    assert "was written by another process after this run started" in logged[-1]
+
+
+def test_a_replaced_artifact_is_noticed(tmp_path):
+    path = tmp_path / "m.ptz"
+    path.write_bytes(b"mine")
+    report = ArtifactReport(path=path, blob=b"mine", code_bytes=1)
+    assert not report.replaced()
+    path.write_bytes(b"theirs")
+    assert report.replaced()
+    path.unlink()
+    assert report.replaced()
+
+
+@pytest.fixture
+def calibration_data(smoke_corpus):
+    return {"DATA_PATH": str(smoke_corpus), "TRAIN_BATCH_TOKENS": "512", "GPTQ_CALIB_SAMPLES": "1"}
+
+
+def test_export_writes_what_it_scores_and_says_where(tmp_path, calibration_data):
+    hp = tiny_hp(**calibration_data)
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    report = export_artifact(hp, tiny_model(hp), runtime, tmp_path / "m.ptz")
+    assert (tmp_path / "m.ptz").read_bytes() == report.blob and report.calibration_seconds > 0
+    assert any(line.startswith(f"artifact: {tmp_path / 'm.ptz'} sha256:") for line in lines)
+
+
+def test_non_finite_weights_are_never_exported(tmp_path, calibration_data):
+    hp = tiny_hp(**calibration_data)
+    model = tiny_model(hp)
+    with torch.no_grad():
+        model.skip_weights.fill_(float("nan"))
+    with pytest.raises(RunError, match=r"the trained weights hold NaN or infinite values \(skip_weights\); nothing was exported"):
+        export_artifact(hp, model, Runtime(), tmp_path / "m.ptz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_that_overflow_float16_are_never_exported(tmp_path, calibration_data):
+    hp = tiny_hp(**calibration_data)
+    model = tiny_model(hp)
+    (tmp_path / "m.ptz").write_bytes(b"an earlier run's artifact")
+    with torch.no_grad():
+        model.skip_weights.fill_(1e6)
+    with pytest.raises(RunError, match=r"the trained weights do not fit the artifact \(skip_weights overflows float16\)"):
+        export_artifact(hp, model, Runtime(), tmp_path / "m.ptz")
+    assert (tmp_path / "m.ptz").read_bytes() == b"an earlier run's artifact"
+
+
+def test_a_failed_artifact_write_is_one_line_and_leaves_nothing(tmp_path, calibration_data, monkeypatch):
+    def full_disk(descriptor):
+        raise OSError(28, "No space left on device")
+
+    hp = tiny_hp(**calibration_data)
+    model = tiny_model(hp)
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(RunError, match=r"m.ptz: cannot write \(No space left on device\); nothing was written"):
+        export_artifact(hp, model, Runtime(), tmp_path / "m.ptz")
+    assert list(tmp_path.iterdir()) == []
