@@ -13,8 +13,9 @@ import pytest
 
 from tools import seed_runs
 
-from conftest import QUICK_RUN, ROOT
-from test_submission import GOOD_LOG, TTT_LINES, final_score
+from conftest import QUICK_RUN, ROOT, TOKENIZER
+from test_submission import TTT_LINES, final_score, log_text
+from trainer.files import file_sha256
 
 TOOL = ROOT / "tools" / "seed_runs.py"
 RECORD_NAMES = ["submission.json", "train_seed1.log", "train_seed2.log"]
@@ -26,8 +27,11 @@ seed = os.environ["SEED"]
 if seed == os.environ.get("FAKE_FAIL_SEED"):
     sys.exit(3)
 train_ms = 600_500 if seed == os.environ.get("FAKE_SLOW_SEED") else 500_000
+settings = " ".join(f"{{name}}={{os.environ[name]}}" for name in ("DATA_PATH", "RUN_ID", "ARTIFACT_PATH", "SEED"))
+if seed == os.environ.get("FAKE_OTHER_SETTINGS_SEED"):
+    settings += " SLOT_STEPS=4"
 Path("logs").mkdir(exist_ok=True)
-text = {template!r}.format(seed=seed, train_ms=train_ms)
+text = {template!r}.format(seed=seed, train_ms=train_ms, settings=settings)
 if seed == os.environ.get("FAKE_TTT_SEED"):
     text += {ttt!r} + {ttt_score!r}
 else:
@@ -39,12 +43,14 @@ Path("logs", os.environ["RUN_ID"] + ".txt").write_text(text)
 
 @pytest.fixture
 def fake_trainer(tmp_path, monkeypatch) -> Path:
-    template = GOOD_LOG.format(seed="{seed}", train_ms="{train_ms}", model=15_700_000, total=15_720_000,
-                               eval_ms=165_000, loss=1.86, bpb=1.1015, hardware="1xCPU (2 cores)", caps="")
+    # no time_budget line (none without MAX_WALLCLOCK_SECONDS), so training time alone counts
+    template = log_text(seed="{seed}", train_ms="{train_ms}", calibration_ms=None, settings="{settings}",
+                        hardware="1xCPU (2 cores)", final="")
     script = tmp_path / "trainer" / "fake_train.py"  # not among the record's files
     script.parent.mkdir()
     script.write_text(FAKE_TRAINER.format(template=template, ttt=TTT_LINES, ttt_score=final_score(),
-                                          sliding_score=final_score("final_int6_sliding_window_exact", "1.10150000")))
+                                          sliding_score=final_score("final_int6_sliding_window_exact", "1.10150000",
+                                                                    total_ms=171_000)))
     monkeypatch.setenv("DATA_PATH", "data")
     monkeypatch.chdir(tmp_path)
     return script
@@ -67,33 +73,42 @@ def last_line(text: str) -> str:
 
 def exact_figures(log: str) -> dict:
     """A seed's figures read straight from its log, not through tools/submission.py."""
-    counted = re.search(r"^final_score (\w+) ", log, re.MULTILINE)[1]
+    counted, causal, accepted = re.search(r"^final_score (\w+) .* causal:(\w+) accepted:(\w+) ", log,
+                                          re.MULTILINE).groups()
     loss, bpb = re.search(rf"^{counted} val_loss:(\S+) val_bpb:(\S+)$", log, re.MULTILINE).groups()
     steps, avg = re.findall(r"^step:(\d+)/\d+ .* step_avg:([\d.]+)ms$", log, re.MULTILINE)[-1]
     total = re.search(r"^Total submission size \S+: (\d+) bytes$", log, re.MULTILINE)[1]
     return {"val_bpb": float(bpb), "val_loss": float(loss), "artifact_bytes": int(total), "steps": int(steps),
-            "step_avg_ms": float(avg)}
+            "step_avg_ms": float(avg), "causal": causal == "yes", "accepted": accepted == "yes"}
 
 
-def test_two_seeds_end_to_end_with_the_trainer(tmp_path, quick_corpus):
+def test_one_seed_end_to_end_with_the_trainer(tmp_path, quick_corpus):
     environ = {**os.environ, **QUICK_RUN, "DATA_PATH": str(quick_corpus), "ITERATIONS": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(TOOL), "--seeds", "1", "2", "--out", str(tmp_path),  # the shipped file
+    result = subprocess.run([sys.executable, str(TOOL), "--seeds", "1", "--out", str(tmp_path),  # the shipped file
                              "--author", "me", "--name", "smoke"],
                             cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "step:2/2 train_loss:" in result.stdout  # the trainer's output streams through
     files = record(tmp_path)
-    assert sorted(files) == RECORD_NAMES
-    summary = json.loads(files["submission.json"])
-    assert summary["author"] == "me" and summary["name"] == "smoke" and summary["seeds"] == [1, 2]
-    for seed in (1, 2):
-        log = files[f"train_seed{seed}.log"]
-        assert f"\nseed:{seed}\n" in log
-        assert summary["seed_results"][str(seed)] == exact_figures(log)
-    assert summary["val_bpb"] == round((exact_figures(files["train_seed1.log"])["val_bpb"] +
-                                        exact_figures(files["train_seed2.log"])["val_bpb"]) / 2, 8)
+    assert sorted(files) == ["submission.json", "train_seed1.log"]
+    summary, log = json.loads(files["submission.json"]), files["train_seed1.log"]
+    assert summary["author"] == "me" and summary["name"] == "smoke" and summary["seeds"] == [1]
+    assert "\nseed:1\n" in log
+    assert summary["seed_results"]["1"] == exact_figures(log)
+    assert summary["val_bpb"] == round(exact_figures(log)["val_bpb"], 8)
+    # the trainer's header, as the log reader reads it
+    run = summary["run"]
+    source, shipped = re.search(r"^code: source_sha256:(\w+) shipped_sha256:(\w+)$", log, re.MULTILINE).groups()
+    assert (run["source_sha256"], run["shipped_sha256"]) == (source, shipped)
+    assert (run["profile"], run["smoke"], run["tokenizer_sha256"]) == ("pr1217", True, file_sha256(TOKENIZER))
+    changed = run["settings_changed"].split()
+    assert "ITERATIONS=2" in changed
+    assert not [item for item in changed if item.startswith(("SEED=", "RUN_ID=", "ARTIFACT_PATH="))]
+    # QUICK_RUN counts the SLOT score: causal, never accepted, and said so
+    assert (run["slot"], run["causal"], run["accepted"]) == ("window", True, False)
+    assert "warning: the counted score (final_int6_sliding_window_slot_exact) is a SLOT score" in result.stderr
     assert re.fullmatch(r"1xCPU \(\d+ cores\)", summary["run"]["hardware"])
-    assert summary["run"]["differs_between_seeds"] == []
+    assert run["differs_between_seeds"] == [] and run["stopped_early"] == {}
 
 
 def test_a_setting_that_fails_the_trainer_leaves_the_record_untouched(tmp_path, monkeypatch, capfd):
@@ -101,7 +116,7 @@ def test_a_setting_that_fails_the_trainer_leaves_the_record_untouched(tmp_path, 
     # MODEL_DIM=64 does not split into 3 heads: the trainer refuses the setting before it reads data
     for name, value in {**QUICK_RUN, "DATA_PATH": str(tmp_path / "unread"), "NUM_HEADS": "3"}.items():
         monkeypatch.setenv(name, value)
-    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(ROOT / "src" / "trainer.py")])
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(ROOT / "train_gpt.py")])
     err = capfd.readouterr().err
     assert status == 1 and record(tmp_path) == old
     assert last_line(err).startswith("seed_runs: seed 1: the trainer exited with status 2; "
@@ -136,6 +151,17 @@ def test_logs_that_count_different_scores_publish_nothing(tmp_path, fake_trainer
     assert err.startswith("seed_runs: the logs' final_score lines count different scores (") and "seed2-" in err
 
 
+def test_seeds_run_with_other_settings_publish_nothing(tmp_path, fake_trainer, monkeypatch, capfd):
+    old = make_old_record(tmp_path)
+    monkeypatch.setenv("FAKE_OTHER_SETTINGS_SEED", "2")  # each log is fine on its own
+    status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
+    err = last_line(capfd.readouterr().err)
+    assert status == 1 and record(tmp_path) == old
+    assert err.startswith("seed_runs: rule violation: the seeds were not run with the same code and settings: "
+                          "settings_changed differs (seed 1: DATA_PATH="), err
+    assert " SLOT_STEPS=4); train_seed*.log and submission.json left as they were (the runs are in " in err
+
+
 def test_each_run_gets_its_own_seed_run_id_and_artifact(tmp_path, fake_trainer, capfd):
     status = seed_runs.main(["--seeds", "1", "2", "--out", str(tmp_path), "--script", str(fake_trainer)])
     assert status == 0, capfd.readouterr().err
@@ -150,22 +176,24 @@ def test_each_run_gets_its_own_seed_run_id_and_artifact(tmp_path, fake_trainer, 
     assert not [path for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
 
 
-def test_relative_paths_are_made_absolute_for_the_work_folder(tmp_path):
+def test_relative_paths_are_made_absolute_for_the_work_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the caller's folder
     env = seed_runs.run_environment({"DATA_PATH": "data/x", "TOKENIZER_PATH": "/abs/tok.model", "OTHER": "keep"},
-                                    tmp_path, 42, "seed42-now", tmp_path / "work")
+                                    42, "seed42-now", tmp_path / "work")
     assert env == {"DATA_PATH": str(tmp_path / "data" / "x"), "TOKENIZER_PATH": "/abs/tok.model", "OTHER": "keep",
                    "SEED": "42", "RUN_ID": "seed42-now", "ARTIFACT_PATH": str(tmp_path / "work" / "seed42.int6.ptz")}
 
 
-def test_without_data_settings_the_runs_use_fineweb_if_present_else_the_embedded_default(tmp_path):
+def test_without_data_settings_the_runs_use_fineweb_if_present_else_the_smoke_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the caller's folder
     work = tmp_path / "work"
-    assert seed_runs.run_environment({}, tmp_path, 1, "r", work)["SMOKE"] == "1"
+    assert seed_runs.run_environment({}, 1, "r", work)["SMOKE"] == "1"
     fineweb = tmp_path / "data" / "datasets" / "fineweb10B_sp1024"
     fineweb.mkdir(parents=True)
     (fineweb / "fineweb_train_000000.bin").write_bytes(b"")
-    environment = seed_runs.run_environment({}, tmp_path, 1, "r", work)
+    environment = seed_runs.run_environment({}, 1, "r", work)
     assert environment["DATA_PATH"] == str(fineweb) and "SMOKE" not in environment
-    assert "DATA_PATH" not in seed_runs.run_environment({"SMOKE": "1"}, tmp_path, 1, "r", work)
+    assert "DATA_PATH" not in seed_runs.run_environment({"SMOKE": "1"}, 1, "r", work)
 
 
 def test_more_than_one_process_runs_under_torchrun():

@@ -8,8 +8,8 @@ Every run gets the same settings: the caller's environment, plus SEED, a RUN_ID 
 log or artifact. The runs work in <out>/.seed_runs/<stamp>-*/, where the trainer's logs/
 folder lands (the folder is kept). Since that is not the caller's folder, relative
 DATA_PATH and TOKENIZER_PATH values are made absolute; with neither DATA_PATH nor SMOKE
-set, the runs use the caller's ./data/datasets/fineweb10B_sp1024 if it holds training
-shards, and the embedded default (SMOKE=1) otherwise, as train_gpt.py itself would.
+set, the runs use the profile's FineWeb under the caller's folder if it holds training
+shards, and the smoke run (SMOKE=1) otherwise, as train_gpt.py itself decides there.
 
 Only when every run exited 0 and every log passes tools/submission.py's checks are the
 logs copied to <out>/train_seed<N>.log and <out>/submission.json written by
@@ -31,6 +31,7 @@ from pathlib import Path
 
 from tools import submission
 from tools import ROOT
+from trainer.settings import PROFILES, Hyperparameters, profile_defaults, with_smoke_when_no_data
 
 DEFAULT_SEEDS = [1337, 42, 2024]
 # settings the trainer reads as paths relative to its working folder
@@ -81,15 +82,22 @@ def trainer_command(script: Path, nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
 
 
-def run_environment(environ: dict[str, str], caller_folder: Path, seed: int, run_id: str, work: Path) -> dict[str, str]:
-    """The caller's settings, with paths that still mean the same from the work folder."""
-    env = dict(environ)
-    if "DATA_PATH" not in env and "SMOKE" not in env:  # what train_gpt.py would do in the caller's folder
-        fineweb = caller_folder / "data" / "datasets" / "fineweb10B_sp1024"
-        env.update({"DATA_PATH": str(fineweb)} if list(fineweb.glob("fineweb_train_*.bin")) else {"SMOKE": "1"})
+def default_data_path(environ: dict[str, str]) -> str:
+    """The data folder of the run's profile (for a PROFILE the trainer will refuse, the
+    field's default: the run stops at that setting anyway)."""
+    profile = environ.get("PROFILE", Hyperparameters.profile)
+    return profile_defaults(profile, False).data_path if profile in PROFILES else Hyperparameters.data_path
+
+
+def run_environment(environ: dict[str, str], seed: int, run_id: str, work: Path) -> dict[str, str]:
+    """The caller's settings, with paths that still mean the same from the work folder
+    (relative ones are read from the caller's folder, the working folder)."""
+    env = with_smoke_when_no_data(environ)  # FineWeb if it is here, else the smoke run: train_gpt.py's choice
+    if "DATA_PATH" not in env and "SMOKE" not in env:
+        env["DATA_PATH"] = default_data_path(env)  # the shards it found here; made absolute below
     for name in PATH_SETTINGS:
         if name in env and not Path(env[name]).is_absolute():
-            env[name] = os.path.abspath(caller_folder / env[name])
+            env[name] = os.path.abspath(env[name])
     env.update(SEED=str(seed), RUN_ID=run_id, ARTIFACT_PATH=str(work / f"seed{seed}.int6.ptz"))
     return env
 
@@ -97,7 +105,7 @@ def run_environment(environ: dict[str, str], caller_folder: Path, seed: int, run
 def run_seed(args: argparse.Namespace, seed: int, stamp: str, work: Path) -> SeedRun:
     """One training run, its output streamed to the console."""
     run = SeedRun(seed, f"seed{seed}-{stamp}", work / "logs" / f"seed{seed}-{stamp}.txt")
-    env = run_environment(dict(os.environ), Path.cwd(), seed, run.run_id, work)
+    env = run_environment(dict(os.environ), seed, run.run_id, work)
     status = subprocess.run(trainer_command(args.script.resolve(), args.nproc), cwd=work, env=env).returncode
     if status != 0:
         raise SeedRunError(f"seed {seed}: the trainer exited with status {status}")
@@ -121,11 +129,14 @@ def check_run(run: SeedRun) -> None:
 
 
 def check_together(runs: list[SeedRun]) -> None:
-    """The checks across logs, e.g. that all count the same score (each log passed on its own)."""
+    """The checks across logs (each passed on its own): that all count the same score, and
+    that every seed ran the same code with the same settings."""
     try:
-        submission.check_logs([run.log for run in runs])
+        problems = submission.check_logs([run.log for run in runs])
     except submission.LogError as error:
         raise SeedRunError(str(error)) from None
+    if problems:
+        raise SeedRunError(problem_line(problems))
 
 
 def write_submission(args: argparse.Namespace, runs: list[SeedRun], work: Path) -> Path:

@@ -5,12 +5,18 @@
     python tools/submission.py LOG ... --vs-logs RECORD_LOG ...  # the record's own logs
     python tools/submission.py LOG ... --plot losses.png        # needs matplotlib
 
-Reads logs in the reference format (this project's and the reference run's): one run per
-log, one log per seed. The score that counts is the one a log's `final_score` line names;
-logs without that line (the reference run's) count --score (default: sliding). The JSON
-goes to stdout (or --write PATH); its "run" key says how the logs were made (hardware,
-versions, data, caps). The comparison, rule violations, non-finite values and truncation
-notes go to stderr, so stdout stays valid JSON. Exit status: 0, or 1 when a rule is
+Reads logs in the reference format (this project's and the record's): one run per log,
+one log per seed, each with its `seed:` line. The score that counts is the one a log's
+`final_score` line names, with whether it is causal and whether the challenge has
+accepted scores of its kind; logs without that line (the record's) count --score
+(default: sliding). The JSON goes to stdout (or --write PATH); its "run" key says how the
+logs were made (code, profile and changed settings, tokenizer, hardware, versions, data,
+caps, early stops). The comparison, rule violations, warnings, non-finite values and
+truncation notes go to stderr, so stdout stays valid JSON.
+
+Rules checked: training (with GPTQ calibration where the log says) and all evaluation
+together each within their limits, the artifact within its size, a causal counted score,
+and every seed run with the same code and settings. Exit status: 0, or 1 when a rule is
 broken, a loss or score is not finite or a log is truncated, 2 for unusable input.
 """
 
@@ -26,16 +32,20 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+# standard library only: --help and the checks must not wait for torch
 from trainer.files import write_atomic
-from trainer.settings import RunError, SIZE_LIMIT_BYTES
+from trainer.settings import EVAL_SECONDS_LIMIT, SIZE_LIMIT_BYTES, TRAIN_SECONDS_LIMIT, RunError
 
-TIME_LIMIT_MS = 600_000
 RECORD_MARGIN_NATS = 0.005
 SIGNIFICANCE = 0.01
-SCORE_LINES = {"sliding": "final_int6_sliding_window_exact", "ttt": "legal_ttt_exact",
-               "roundtrip": "final_int6_roundtrip_exact"}
+SCORE_LINES = {"sliding": "final_int6_sliding_window_exact", "slot": "final_int6_sliding_window_slot_exact",
+               "ttt": "legal_ttt_exact", "roundtrip": "final_int6_roundtrip_exact"}
 DEFAULT_SCORE = "sliding"
+PLAIN_SCORE_LINE = SCORE_LINES["sliding"]  # without SLOT, logged with SLOT on too (older trainers: with SLOT)
+# Settings each seed of one submission sets for itself (tools/seed_runs.py sets all three).
+PER_SEED_SETTINGS = {"SEED", "RUN_ID", "ARTIFACT_PATH"}
 
 NUMBER = r"([-+]?[\d.]+(?:[eE][-+]?\d+)?)"
 # losses and scores: a diverged run logs nan or inf, which must be read and reported, not skipped
@@ -44,16 +54,38 @@ STEP = re.compile(r"^step:(\d+)/")
 STEP_TRAIN = re.compile(rf"^step:(\d+)/\d+ train_loss:{VALUE} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
 STEP_VAL = re.compile(rf"^step:(\d+)/\d+ val_loss:{VALUE} val_bpb:{VALUE} train_time:{NUMBER}ms step_avg:{NUMBER}ms")
 EXACT = re.compile(rf"^(\w+)_exact val_loss:{VALUE} val_bpb:{VALUE}")
-FINAL_SCORE = re.compile(rf"^final_score (\w+) val_bpb:{VALUE} slot:(\S+) legal:(.+?) eval_total_time:{NUMBER}ms$")
-EVAL_TIME = re.compile(rf"^(\w+) .*eval_time:{NUMBER}ms")
-STOPPED = re.compile(rf"^stopping_early: wallclock_cap train_time:{NUMBER}ms step:(\d+)/")
+FINAL_SCORE = re.compile(rf"^final_score (\w+) val_bpb:{VALUE} slot:(\S+) causal:(yes|no) accepted:(yes|no) "
+                         rf"eval_total_time:{NUMBER}ms$")
+FINAL_SCORE_LEGAL = re.compile(rf"^final_score (\w+) val_bpb:{VALUE} slot:(\S+) legal:((?:yes|no)(?: \(.*\))?) "
+                               rf"eval_total_time:{NUMBER}ms$")  # older trainers' form
+# an evaluation of the artifact: `<name> val_loss:...` (the post-EMA DIAGNOSTIC line, two
+# words before val_loss, is training's own check, not an evaluation of the artifact)
+EVALUATION = re.compile(rf"^(\w+) val_loss:\S+ val_bpb:\S+ (?:.* )?eval_time:{NUMBER}ms$")
+STOP_REASONS = ("wallclock_cap", "safety_cap")
+STOPPED = re.compile(rf"^stopping_early: ({'|'.join(STOP_REASONS)}) train_time:{NUMBER}ms step:(\d+)/")
+TIME_BUDGET = re.compile(rf"^time_budget: training {NUMBER}ms \+ gptq calibration {NUMBER}ms = {NUMBER}ms ")
 TOTAL = re.compile(r"^Total submission size \S+: (\d+) bytes")
 MODEL = re.compile(r"^Serialized model \S+: (\d+) bytes")
 CODE = re.compile(r"^Code size: (\d+) bytes")
 
+
+def shared_settings(text: str) -> str:
+    """A `settings_changed:` list without the settings each seed sets for itself ("none"
+    when nothing else was changed). The trainer writes the settings in one fixed order, so
+    two runs with the same settings give the same text."""
+    items = [] if text == "none" else re.split(r" (?=[A-Z][A-Z0-9_]*=)", text)
+    return " ".join(item for item in items if item.split("=", 1)[0] not in PER_SEED_SETTINGS) or "none"
+
+
 # Lines saying how a run was made, and the "run" fields each fills (a group that did not
 # match, such as an optional field older trainers do not write, gives null).
-SETUP_LINES: list[tuple[re.Pattern[str], tuple[tuple[str, type], ...]]] = [
+SETUP_LINES: list[tuple[re.Pattern[str], tuple[tuple[str, Callable[[str], object]], ...]]] = [
+    (re.compile(r"^code: source_sha256:(\w+) shipped_sha256:(\w+)$"),
+     (("source_sha256", str), ("shipped_sha256", str))),
+    # smoke: an empty group when absent, so a run that is not the smoke run reads false, not null
+    (re.compile(r"^profile: (\S+)(| smoke)$"), (("profile", str), ("smoke", bool))),
+    (re.compile(r"^settings_changed: (.+)$"), (("settings_changed", shared_settings),)),
+    (re.compile(r"^tokenizer_sha256:([0-9a-f]{64})\b"), (("tokenizer_sha256", str),)),
     (re.compile(r"^hardware: (.+)$"), (("hardware", str),)),
     (re.compile(r"^torch:(\S+) python:(\S+)"), (("torch", str), ("python", str))),
     (re.compile(r"^(?:attention_backend:(\S+) )?attention_mode:(\S+) num_heads:(\d+) num_kv_heads:(\d+)"),
@@ -66,8 +98,12 @@ SETUP_LINES: list[tuple[re.Pattern[str], tuple[tuple[str, type], ...]]] = [
      (("train_batch_tokens", int), ("train_seq_len", int), ("iterations", int), ("warmup_steps", int),
       ("max_wallclock_seconds", float), ("safety_cap_seconds", float))),
 ]
-# the SLOT mode comes from the final_score line
-RUN_FIELDS = [name for _, names in SETUP_LINES for name, _ in names] + ["slot"]
+# the counted score's facts come from the final_score line
+SCORE_FIELDS = ["slot", "causal", "accepted"]
+RUN_FIELDS = SCORE_FIELDS + [name for _, names in SETUP_LINES for name, _ in names]
+# The seeds of one submission are one program run with one set of settings, only the seed
+# differing; seeds that differ in any of these are not one submission (a rule violation).
+SAME_FOR_EVERY_SEED = ("source_sha256", "shipped_sha256", "profile", "smoke", "settings_changed", "tokenizer_sha256")
 
 
 class LogError(ValueError):
@@ -76,16 +112,14 @@ class LogError(ValueError):
 
 @dataclass
 class FinalScore:
-    """The trainer's `final_score` line: which `_exact` line counts, and whether it is legal."""
+    """The trainer's `final_score` line: which `_exact` line counts, and two facts about it."""
     line: str
     bpb: float
-    slot: str
-    legal: str  # "yes", or "no (why)"
+    slot: str  # the SLOT mode, or "off"
+    causal: bool  # issue #1017's conditions hold (the trainer's score_kind decides)
+    accepted: bool | None  # the challenge has accepted scores of this kind; None: the log does not say
     eval_total_ms: float
-
-    @property
-    def is_legal(self) -> bool:
-        return self.legal.split()[0] == "yes"
+    label: str  # as the log wrote it: "causal:no", or an older "legal:no (why)"
 
 
 @dataclass
@@ -100,6 +134,8 @@ class RunLog:
     steps: int | None = None
     step_avg_ms: float | None = None
     train_time_ms: float | None = None
+    budget_ms: float | None = None  # training + GPTQ calibration, from the time_budget line
+    stopped: str | None = None  # one of STOP_REASONS when training stopped before ITERATIONS
     total_bytes: int | None = None
     model_bytes: int | None = None
     code_bytes: int | None = None
@@ -111,12 +147,17 @@ class RunLog:
         return self.run.get("hardware")
 
     @property
+    def made_by_this_trainer(self) -> bool:
+        """Only this project's trainer writes the `code:` line, and it names its counted score in a final_score line."""
+        return self.run.get("source_sha256") is not None
+
+    @property
     def truncated(self) -> bool:
         return self.total_bytes is None or not self.scores
 
     @property
     def label(self) -> str:
-        return str(self.seed) if self.seed is not None else self.path.name
+        return str(self.seed)
 
 
 def read_lines(path: Path) -> list[str]:
@@ -157,6 +198,29 @@ def read_setup_line(log: RunLog, line: str) -> None:
             return
 
 
+def parse_final_score(line: str) -> FinalScore:
+    if match := FINAL_SCORE.match(line):
+        name, bpb, slot, causal, accepted, total_ms = match.groups()
+        return FinalScore(name, float(bpb), slot, causal == "yes", accepted == "yes", float(total_ms),
+                          f"causal:{causal}")
+    if match := FINAL_SCORE_LEGAL.match(line):
+        # Older trainers wrote one label, legal:, which meant causal (only SLOT_MODE=shared
+        # was "no"). Whether the challenge accepts such a score they did not say: unknown
+        # (null), not guessed here. Their slot: named the run's SLOT setting even when TTT,
+        # which scores without SLOT, counted; only their sliding-window score used it.
+        name, bpb, slot, legal, total_ms = match.groups()
+        counted_slot = slot if name == PLAIN_SCORE_LINE else "off"
+        return FinalScore(name, float(bpb), counted_slot, legal.split()[0] == "yes", None, float(total_ms),
+                          f"legal:{legal}")
+    raise ValueError("a final_score line in an unknown shape")
+
+
+def read_final_score(log: RunLog, line: str) -> None:
+    final = log.final_score = parse_final_score(line)
+    log.run.update(slot=final.slot, causal=final.causal, accepted=final.accepted)
+    note_if_not_finite(log, f"final_score is val_bpb:{final.bpb}", final.bpb)
+
+
 def read_line(log: RunLog, line: str) -> None:
     if match := STEP_TRAIN.match(line):
         step, loss = int(match[1]), float(match[2])
@@ -171,17 +235,17 @@ def read_line(log: RunLog, line: str) -> None:
             log.val_points.append((step, loss, bpb))
         log.steps, log.train_time_ms, log.step_avg_ms = step, float(match[4]), float(match[5])
     elif match := STOPPED.match(line):
-        log.train_time_ms, log.steps = float(match[1]), int(match[2])
+        log.stopped, log.train_time_ms, log.steps = match[1], float(match[2]), int(match[3])
+    elif line.startswith("stopping_early"):
+        raise ValueError(f"a stopping_early line in an unknown shape (known reasons: {', '.join(STOP_REASONS)})")
+    elif match := TIME_BUDGET.match(line):
+        log.budget_ms = float(match[3])
     elif match := EXACT.match(line):
         loss, bpb = float(match[2]), float(match[3])
         note_if_not_finite(log, f"{match[1]}_exact is val_loss:{match[2]} val_bpb:{match[3]}", loss, bpb)
         log.scores[match[1] + "_exact"] = (loss, bpb)
-    elif match := FINAL_SCORE.match(line):
-        log.final_score = FinalScore(match[1], float(match[2]), match[3], match[4], float(match[5]))
-        log.run["slot"] = match[3]
-        note_if_not_finite(log, f"final_score is val_bpb:{match[2]}", log.final_score.bpb)
     elif line.startswith("final_score"):
-        raise ValueError("a final_score line in an unknown shape")
+        read_final_score(log, line)
     elif line.startswith("seed:"):
         log.seed = int(line.split(":", 1)[1])
     elif match := TOTAL.match(line):
@@ -190,10 +254,10 @@ def read_line(log: RunLog, line: str) -> None:
         log.model_bytes = int(match[1])
     elif match := CODE.match(line):
         log.code_bytes = int(match[1])
+    elif match := EVALUATION.match(line):
+        log.eval_times_ms[match[1]] = float(match[2])
     else:
         read_setup_line(log, line)
-    if match := EVAL_TIME.match(line):
-        log.eval_times_ms[match[1]] = float(match[2])
 
 
 def parse_log(path: Path) -> RunLog:
@@ -207,13 +271,19 @@ def parse_log(path: Path) -> RunLog:
             raise LogError(f"{path}: line {number} cannot be read ({error}): {line[:120]!r}") from None
     if log.seed is None and not log.train_points and not log.scores:
         raise LogError(f"{path}: no training-log lines found (expected lines like 'seed:1337' and 'step:...')")
+    if log.seed is None:
+        # Every script of the challenge logs its seed; without it two logs (two copies of
+        # one run, say) cannot be told apart and would count as two seeds.
+        raise LogError(f"{path}: no 'seed:' line, so it cannot be told apart from another seed's log "
+                       "(one log per seed)")
     if log.final_score is not None and log.final_score.line not in SCORE_LINES.values():
         raise LogError(f"{path}: final_score names {log.final_score.line!r}, not one of {sorted(SCORE_LINES.values())}")
     return log
 
 
 def read_logs(paths: list[Path]) -> list[RunLog]:
-    """One log per seed: the same file twice, or two logs of one seed, would count a run twice."""
+    """One log per seed: the same file twice, or two logs of one seed (a copy, say), would
+    count a run twice."""
     seen: dict[str, Path] = {}
     for path in paths:
         if (key := os.path.realpath(path)) in seen:
@@ -222,14 +292,14 @@ def read_logs(paths: list[Path]) -> list[RunLog]:
     logs = [parse_log(path) for path in paths]
     by_seed: dict[int, RunLog] = {}
     for log in logs:
-        if log.seed is not None and (first := by_seed.setdefault(log.seed, log)) is not log:
+        if (first := by_seed.setdefault(log.seed, log)) is not log:
             raise LogError(f"{first.path} and {log.path} are both seed {log.seed} (one log per seed)")
     return logs
 
 
 def counted_score_line(logs: list[RunLog], score: str | None) -> tuple[str, list[str]]:
     """The `_exact` line that counts, and notes. The logs' final_score lines decide; --score
-    only chooses for logs without one (the reference run's)."""
+    only chooses for logs without one (the record's)."""
     named = {log.final_score.line: log for log in logs if log.final_score is not None}
     if len(named) > 1:
         listing = ", ".join(f"{log.path}: {line}" for line, log in named.items())
@@ -250,32 +320,56 @@ def code_bytes(log: RunLog) -> int | None:
 
 
 def is_scored(log: RunLog, score_line: str) -> bool:
+    """A finite score on the line that counts, and one the log itself would count: a trainer
+    log that lost its final_score line does not say which score is its own."""
+    if log.made_by_this_trainer and log.final_score is None:
+        return False
     return score_line in log.scores and all(math.isfinite(value) for value in log.scores[score_line])
 
 
 def final_score_violations(log: RunLog) -> list[str]:
     final = log.final_score
     if final is None:
-        return []
+        return ["a log of this trainer (it has a code: line) without its final_score line (cut or edited?): "
+                "which score counts is unknown, so none is counted"] if log.made_by_this_trainer else []
     problems = []
-    if not final.is_legal:
+    if not final.causal:
         why = ("SLOT_MODE=shared fits one delta on a whole batch of windows, so a window's score has seen "
                "later windows' tokens (it leaks future tokens)") if final.slot == "shared" else \
-              "the trainer marked the counted score as not a legal submission"
-        problems.append(f"final_score says legal:{final.legal}: {why}")
+              "the trainer marked the counted score as not causal"
+        problems.append(f"final_score says {final.label}: {why}")
     exact = log.scores.get(final.line)
     if exact is not None and math.isfinite(final.bpb) and math.isfinite(exact[1]) and abs(exact[1] - final.bpb) > 5e-9:
         problems.append(f"final_score val_bpb:{final.bpb:.8f} is not {final.line}'s val_bpb:{exact[1]:.8f}")
     return problems
 
 
+def training_time(log: RunLog) -> tuple[str, float] | None:
+    """What the challenge's training limit counts: training and GPTQ calibration together
+    where the log adds them up (time_budget), else the training time alone."""
+    if log.budget_ms is not None:
+        return "training and GPTQ calibration", log.budget_ms
+    if log.train_time_ms is not None:
+        return "training", log.train_time_ms
+    return None
+
+
+def evaluation_time(log: RunLog) -> tuple[str, float] | None:
+    """All evaluation of the artifact together, which the challenge limits: the trainer's own
+    total (eval_total_time), else the sum of the evaluation lines (the record's logs)."""
+    if log.final_score is not None:
+        return "eval_total_time", log.final_score.eval_total_ms
+    times = log.eval_times_ms
+    return (" + ".join(times), sum(times.values())) if times else None
+
+
 def rule_violations(log: RunLog, score_line: str) -> list[str]:
     problems = []
-    if log.train_time_ms is not None and log.train_time_ms > TIME_LIMIT_MS:
-        problems.append(f"training took {log.train_time_ms / 1000:.1f} s (limit 600 s)")
-    for name, milliseconds in log.eval_times_ms.items():
-        if milliseconds > TIME_LIMIT_MS:
-            problems.append(f"evaluation {name} took {milliseconds / 1000:.1f} s (limit 600 s)")
+    if (training := training_time(log)) is not None and training[1] > 1000 * TRAIN_SECONDS_LIMIT:
+        problems.append(f"{training[0]} took {training[1] / 1000:.1f} s (limit {TRAIN_SECONDS_LIMIT:.0f} s)")
+    if (evaluation := evaluation_time(log)) is not None and evaluation[1] > 1000 * EVAL_SECONDS_LIMIT:
+        problems.append(f"evaluation took {evaluation[1] / 1000:.1f} s in all ({evaluation[0]}; "
+                        f"limit {EVAL_SECONDS_LIMIT:.0f} s)")
     if log.total_bytes is not None and log.total_bytes > SIZE_LIMIT_BYTES:
         problems.append(f"artifact + code is {log.total_bytes} bytes, {log.total_bytes - SIZE_LIMIT_BYTES} over {SIZE_LIMIT_BYTES}")
     if score_line not in log.scores:
@@ -301,14 +395,6 @@ def log_problems(log: RunLog, score_line: str) -> list[str]:
     return problems + [f"{log.path}: rule violation: {problem}" for problem in rule_violations(log, score_line)]
 
 
-def check_logs(paths: list[Path], score: str | None = None) -> list[str]:
-    """What main() reports against these logs (empty: they make a valid submission).
-    Raises LogError for unusable input. For tools that must check before they publish."""
-    logs = read_logs(paths)
-    score_line, _ = counted_score_line(logs, score)
-    return [problem for log in logs for problem in log_problems(log, score_line)]
-
-
 def run_fields_by_seed(logs: list[RunLog]) -> dict[str, dict[str, object]]:
     """RUN_FIELDS -> {seed: value}; a field a log does not name is None."""
     return {name: {log.label: log.run.get(name) for log in logs} for name in RUN_FIELDS}
@@ -316,6 +402,34 @@ def run_fields_by_seed(logs: list[RunLog]) -> dict[str, dict[str, object]]:
 
 def fields_that_differ(by_seed: dict[str, dict[str, object]]) -> list[str]:
     return [name for name, values in by_seed.items() if len(set(values.values())) > 1]
+
+
+def per_seed(values: dict[str, object]) -> str:
+    return ", ".join(f"seed {label}: {value}" for label, value in values.items())
+
+
+def seed_violations(logs: list[RunLog]) -> list[str]:
+    """The seeds must be one program with one set of settings (SAME_FOR_EVERY_SEED)."""
+    by_seed = run_fields_by_seed(logs)
+    return [f"rule violation: the seeds were not run with the same code and settings: {name} differs "
+            f"({per_seed(by_seed[name])})" for name in fields_that_differ(by_seed) if name in SAME_FOR_EVERY_SEED]
+
+
+def all_problems(logs: list[RunLog], score_line: str) -> list[str]:
+    return [problem for log in logs for problem in log_problems(log, score_line)] + seed_violations(logs)
+
+
+def check_logs(paths: list[Path], score: str | None = None) -> list[str]:
+    """What main() reports against these logs (empty: they make a valid submission).
+    Raises LogError for unusable input. For tools that must check before they publish."""
+    logs = read_logs(paths)
+    score_line, _ = counted_score_line(logs, score)
+    return all_problems(logs, score_line)
+
+
+def stopped_early(logs: list[RunLog]) -> dict[str, str]:
+    """{seed: what stopped its training before ITERATIONS} for the seeds that stopped early."""
+    return {log.label: log.stopped for log in logs if log.stopped is not None}
 
 
 def describe_runs(logs: list[RunLog], score_line: str) -> dict:
@@ -326,15 +440,39 @@ def describe_runs(logs: list[RunLog], score_line: str) -> dict:
     description: dict[str, object] = {"score_line": score_line}
     for name, values in by_seed.items():
         description[name] = values if name in differing else next(iter(values.values()), None)
+    description["stopped_early"] = stopped_early(logs)
     description["differs_between_seeds"] = differing
     return description
 
 
 def run_difference_notes(logs: list[RunLog]) -> list[str]:
+    """The differences that do not break a rule (hardware, versions): worth knowing."""
     by_seed = run_fields_by_seed(logs)
-    return [f"note: the seeds were not run alike: {name} differs ("
-            + ", ".join(f"seed {label}: {value}" for label, value in by_seed[name].items()) + ")"
-            for name in fields_that_differ(by_seed)]
+    return [f"note: the seeds were not run alike: {name} differs ({per_seed(by_seed[name])})"
+            for name in fields_that_differ(by_seed) if name not in SAME_FOR_EVERY_SEED]
+
+
+def slot_warning(logs: list[RunLog], score_line: str) -> list[str]:
+    """The challenge has never accepted a SLOT score (PR #1217 is "Non Record"; no SLOT
+    submission made the leaderboard): whoever submits one should know before they do."""
+    slots = sorted({log.final_score.slot for log in logs if log.final_score is not None} - {"off"})
+    if not slots:
+        return []
+    plain = f"; {PLAIN_SCORE_LINE} in each log is the plain score, of a kind it has accepted" \
+        if score_line != PLAIN_SCORE_LINE else ""
+    return [f"warning: the counted score ({score_line}) is a SLOT score (slot:{', '.join(slots)}), which the "
+            f"challenge has never accepted{plain}"]
+
+
+def safety_cap_notes(logs: list[RunLog]) -> list[str]:
+    """A run stopped by SAFETY_CAP_SECONDS is not a rule violation: the challenge limits the
+    time (checked on its own, with or without a cap), and its own runs are stopped by a
+    clock too. But such a run is not the step-bounded one its settings describe, and its
+    score depends on the machine's speed: the reader must be told."""
+    return [f"note: {log.path}: seed {log.seed} was stopped by the safety cap (SAFETY_CAP_SECONDS="
+            f"{log.run.get('safety_cap_seconds')}) at step {log.steps} of ITERATIONS={log.run.get('iterations')}: its "
+            "score is not the step-bounded one and depends on the machine's speed"
+            for log in logs if log.stopped == "safety_cap"]
 
 
 def build_submission(logs: list[RunLog], score_line: str, args: argparse.Namespace) -> dict:
@@ -342,8 +480,10 @@ def build_submission(logs: list[RunLog], score_line: str, args: argparse.Namespa
     results = {}
     for log in scored:
         loss, bpb = log.scores[score_line]
-        results[str(log.seed)] = {"val_bpb": bpb, "val_loss": loss, "artifact_bytes": log.total_bytes,
-                                  "steps": log.steps, "step_avg_ms": log.step_avg_ms}
+        final = log.final_score
+        results[log.label] = {"val_bpb": bpb, "val_loss": loss, "artifact_bytes": log.total_bytes,
+                              "steps": log.steps, "step_avg_ms": log.step_avg_ms,
+                              "causal": final.causal if final else None, "accepted": final.accepted if final else None}
     values = [log.scores[score_line][1] for log in scored]
     sizes = [log.total_bytes for log in logs if log.total_bytes is not None]
     codes = [c for c in (code_bytes(log) for log in logs) if c is not None]
@@ -450,7 +590,7 @@ def plot_losses(logs: list[RunLog], path: Path) -> None:
         raise LogError("--plot needs matplotlib: pip install matplotlib") from None
     figure, axis = plt.subplots(figsize=(9, 5))
     for log in logs:
-        label = f"seed {log.seed}" if log.seed is not None else log.path.name
+        label = f"seed {log.seed}"
         if log.train_points:
             axis.plot(*zip(*log.train_points), label=f"{label} train", alpha=0.7)
         if log.val_points:
@@ -469,15 +609,34 @@ def plot_losses(logs: list[RunLog], path: Path) -> None:
         plt.close(figure)
 
 
-def refuse_missing_output_folders(args: argparse.Namespace) -> None:
-    """Checked before anything is written, so a bad --plot does not leave a lone --write file behind."""
+def check_options(args: argparse.Namespace) -> None:
+    """Checked before anything is read or written, so a bad option never leaves a lone
+    --write file behind, and an output never replaces one of the logs it is made from."""
+    if args.vs is not None and not (math.isfinite(args.vs) and args.vs > 0):
+        raise LogError(f"--vs {args.vs}: not a record's BPB (a finite number above 0)")
+    inputs = {os.path.realpath(path) for path in [*args.logs, *args.vs_logs]}
     for option, path in (("--write", args.write), ("--plot", args.plot)):
         if path is None:
             continue
+        if os.path.realpath(path) in inputs:
+            raise LogError(f"{option} {path}: is one of the input logs, which it would replace; give another file name")
         if path.is_dir():
             raise LogError(f"{option} {path}: is a folder; give a file name")
         if not path.parent.is_dir():
             raise LogError(f"{option} {path}: the folder {path.parent} does not exist")
+
+
+def glue_vs_value(argv: list[str]) -> list[str]:
+    """argv with `--vs X` written `--vs=X`: argparse takes a value that starts with '-' but
+    is not a plain number (-inf) for an option, and answers with its usage text, not the
+    one line that check_options gives."""
+    glued: list[str] = []
+    for arg in argv:
+        if glued and glued[-1] == "--vs":
+            glued[-1] = f"--vs={arg}"
+        else:
+            glued.append(arg)
+    return glued
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -494,13 +653,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vs", type=float, help="a record's mean BPB to compare against")
     parser.add_argument("--vs-logs", nargs="+", type=Path, default=[], help="the record's own logs")
     parser.add_argument("--plot", type=Path, help="draw train/val loss against step (PNG)")
-    return parser.parse_args(argv)
+    return parser.parse_args(glue_vs_value(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        refuse_missing_output_folders(args)
+        check_options(args)
         logs, record_logs = read_logs(args.logs), read_logs(args.vs_logs)
         score_line, notes = counted_score_line(logs, args.score)
         text = json.dumps(build_submission(logs, score_line, args), indent=2) + "\n"
@@ -513,8 +672,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not args.write:
         sys.stdout.write(text)
-    problems = [problem for log in logs for problem in log_problems(log, score_line)]
-    for line in notes + run_difference_notes(logs) + problems:
+    problems = all_problems(logs, score_line)
+    warnings = slot_warning(logs, score_line) + safety_cap_notes(logs) + run_difference_notes(logs)
+    for line in notes + warnings + problems:
         print(line, file=sys.stderr)
     if args.vs is not None or record_logs:
         for line in compare(logs, score_line, args.vs, record_logs):
