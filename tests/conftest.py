@@ -27,6 +27,7 @@ from trainer.shards import MANIFEST, read_shard, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
+TOKENIZER_8192 = ROOT / "data" / "tokenizers" / "fineweb_8192_bpe_vendored.model"  # 256 byte-fallback pieces
 
 # The smallest model that still has every part: 2 layers (one encoder, one decoder with a
 # skip), value embeddings, bigram hash, XSA, GQA.

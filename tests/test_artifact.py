@@ -13,14 +13,15 @@ import brotli
 import pytest
 import torch
 
-from trainer.artifact import (ARTIFACT_MAGIC, ArtifactReport, artifact_target, bank_matrix_names, body_limit, byte_shuffle,
-                              decode_artifact, dequantize_rows, encode_artifact, export_artifact, file_signature, gptq_quantize, hessian_error,
-                              load_quantized_model, quantize_rows_int6, quantize_rows_int8, quantize_state, read_artifact, rebank,
-                              row_scales, unbank)
+from trainer.artifact import (ARTIFACT_MAGIC, HEAD_INPUT, ArtifactReport, ClipRule, artifact_target, bank_matrix_names,
+                              body_limit, byte_shuffle, collect_hessians, decode_artifact, dequantize_rows, encode_artifact,
+                              export_artifact, file_signature, gptq_quantize, hessian_error, load_quantized_model,
+                              quantize_rows_int6, quantize_rows_int8, quantize_state, read_artifact, rebank, round_to_grid,
+                              row_scales, sdclip_scales, unbank)
 from trainer.model import ModelConfig
 from trainer.runtime import Runtime
 from trainer.settings import InputError, RunError
-from conftest import ROOT, tiny_hp, tiny_model
+from conftest import ROOT, TOKENIZER, tiny_hp, tiny_model
 
 
 def grid_matrix(rows: int, cols: int, clip_range: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,53 +78,75 @@ def test_zero_and_tiny_rows_quantise_to_finite_values(row_scale):
 
 
 def correlated_layer(seed: int = 0):
+    """A weight and the mean X^T X of strongly correlated inputs (undamped, as calibration gives it)."""
     generator = torch.Generator().manual_seed(seed)
     mixing = torch.randn(64, 64, generator=generator) * torch.logspace(0, -2, 64)[:, None]
-    inputs = torch.randn(4096, 64, generator=generator) @ mixing  # strongly correlated features
-    hessian = inputs.T @ inputs / len(inputs)
-    hessian += 0.01 * hessian.diagonal().mean() * torch.eye(64)
-    return torch.randn(48, 64, generator=generator) * 0.3, hessian
+    inputs = torch.randn(4096, 64, generator=generator) @ mixing
+    return torch.randn(48, 64, generator=generator) * 0.3, inputs.T @ inputs / len(inputs)
 
 
-def textbook_gptq(weight, hessian, fine: bool):
-    """GPTQ written out column by column in float64, with the variant's three choices."""
-    weight, hessian = weight.double(), hessian.double().clone()
-    if not fine:
-        hessian += 0.01 * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=torch.float64)
+def damped(hessian: torch.Tensor) -> torch.Tensor:
+    return hessian + 0.01 * hessian.diagonal().mean() * torch.eye(len(hessian), dtype=hessian.dtype)
+
+
+def textbook_gptq(weight, hessian, rule: ClipRule, clip_range: int = 31):
+    """GPTQ written out column by column in float64, with each variant's choices: PR #1217
+    damps at calibration and again, floors the scale at 1/N and searches five quantiles by
+    squared error; fine damps once, no floor, by Hessian-weighted error; SDClip damps once
+    and takes k row standard deviations."""
+    weight, hessian = weight.double(), hessian.double()
+    hessian = damped(hessian) if rule.sigmas else damped(damped(hessian)) if not rule.fine else damped(hessian)
     order = torch.argsort(hessian.diagonal(), descending=True)
     upper = torch.linalg.cholesky(torch.linalg.inv(hessian[order][:, order])).T
+    if rule.sigmas:
+        scales = [(rule.sigmas * weight.float().std(dim=1) / clip_range).clamp_min(1e-10).half().double()]
+    else:
+        scales = []
+        for quantile in (0.999, 0.9995, 0.9999, 0.99999, 1.0):
+            clip = torch.quantile(weight.abs().float(), quantile, dim=1).double() if quantile < 1 else weight.abs().amax(1)
+            scales.append((clip / clip_range).clamp_min(1 / clip_range if not rule.fine else 2.0**-24).half().double())
     best = None
-    for quantile in (0.999, 0.9995, 0.9999, 0.99999, 1.0):
-        clip = torch.quantile(weight.abs().float(), quantile, dim=1).double() if quantile < 1 else weight.abs().amax(1)
-        scale = (clip / 31).clamp_min(1 / 31 if not fine else 2.0**-24).half().double()
+    for scale in scales:
         work, q = weight[:, order].clone(), torch.zeros_like(weight)
         for j in range(weight.size(1)):
-            q[:, j] = torch.clamp(torch.round(work[:, j] / scale), -31, 31)
+            q[:, j] = torch.clamp(torch.round(work[:, j] / scale), -clip_range, clip_range)
             error = (work[:, j] - q[:, j] * scale) / upper[j, j]
             work[:, j:] -= error[:, None] * upper[j, j:][None, :]
         q = q[:, torch.argsort(order)]
         residual = weight - q * scale[:, None]
-        error = float(((residual @ hessian) * residual).sum()) if fine else float(residual.square().sum())
+        error = float(((residual @ hessian) * residual).sum()) if rule.fine else float(residual.square().sum())
         if best is None or error < best[0]:
             best = (error, q, scale)
     return best[1], best[2]
 
 
-@pytest.mark.parametrize("fine", [False, True], ids=["reference", "fine_scales"])
-def test_gptq_matches_a_textbook_version(fine):
+RULES = [(ClipRule(), 31), (ClipRule(fine=True), 31), (ClipRule(12.85), 31), (ClipRule(20.0), 127)]
+RULE_IDS = ["pr1217", "fine_scales", "sdclip_int6", "sdclip_int8"]
+
+
+@pytest.mark.parametrize("rule, clip_range", RULES, ids=RULE_IDS)
+def test_gptq_matches_a_textbook_version(rule, clip_range):
     weight, hessian = correlated_layer()
-    q, scale, used = gptq_quantize(weight, hessian, block_size=16, fine=fine)
-    expected_q, expected_scale = textbook_gptq(weight, hessian, fine)
+    q, scale, used = gptq_quantize(weight, hessian, clip_range, rule, block_size=16)
+    expected_q, expected_scale = textbook_gptq(weight, hessian, rule, clip_range)
     assert used and torch.equal(scale.double(), expected_scale)
     assert (q.double() == expected_q).float().mean() > 0.99  # float32 vs float64 may flip a rare rounding
 
 
-def test_gptq_beats_plain_rounding_on_the_hessian_weighted_error():
+@pytest.mark.parametrize("rule, clip_range", RULES, ids=RULE_IDS)
+def test_gptq_beats_plain_rounding_on_the_hessian_weighted_error(rule, clip_range):
     weight, hessian = correlated_layer()
-    for fine in (False, True):
-        gptq = gptq_quantize(weight, hessian, block_size=16, fine=fine)[:2]
-        plain = quantize_rows_int6(weight, floor=not fine)
-        assert hessian_error(weight, *gptq, hessian) < 0.8 * hessian_error(weight, *plain, hessian)
+    q, scale, _ = gptq_quantize(weight, hessian, clip_range, rule, block_size=16)
+    plain = round_to_grid(weight, scale, clip_range)
+    assert hessian_error(weight, q, scale, hessian) < 0.8 * hessian_error(weight, plain, scale, hessian)
+
+
+def test_sdclip_scales_are_k_standard_deviations_and_have_no_floor():
+    weight = torch.randn(6, 100, dtype=torch.float64) * torch.tensor([1e-4, 0.01, 0.1, 1, 3, 10], dtype=torch.float64)[:, None]
+    scale = sdclip_scales(weight.float(), 12.85, 31)
+    expected = 12.85 * weight.std(dim=1) / 31
+    assert scale.dtype == torch.float16 and torch.allclose(scale.double(), expected, rtol=1e-3)
+    assert float(scale[0]) < 1 / 31  # the PR #1217 floor would have made this row's grid 1/31
 
 
 @pytest.mark.parametrize("hessian", [-torch.eye(32), torch.full((32, 32), float("nan"))], ids=["negative", "nan"])
@@ -132,6 +155,41 @@ def test_cholesky_failure_falls_back_to_rounding(hessian):
     q, scale, used = gptq_quantize(weight, hessian)
     plain_q, plain_scale = quantize_rows_int6(weight)
     assert not used and torch.equal(q, plain_q) and torch.equal(scale, plain_scale)
+    q, scale, used = gptq_quantize(weight, hessian, 31, ClipRule(12.85))
+    assert not used and torch.equal(scale, sdclip_scales(weight, 12.85, 31)) and torch.equal(q, round_to_grid(weight, scale, 31))
+
+
+def test_the_token_table_goes_through_gptq_int8_with_the_heads_hessian(smoke_corpus):
+    """EMBED_CLIP_SIGMAS: calibration also gathers the head's input, and the tied table is
+    quantised by GPTQ to int8 with it (the PR #1493 record's treatment of its embedding)."""
+    hp = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", GPTQ_CALIB_SAMPLES="2", MODEL_DIM="128",
+                 NUM_HEADS="2", NUM_KV_HEADS="2", MATRIX_CLIP_SIGMAS="12.85", EMBED_CLIP_SIGMAS="20")
+    model = tiny_model(hp)
+    hessians = collect_hessians(hp, model, Runtime())
+    assert HEAD_INPUT in hessians and hessians[HEAD_INPUT].shape == (128, 128)
+    tensors, schemes, gptq_count = quantize_state(hp, model.state_dict(), hessians, Runtime())
+    assert schemes["tok_emb.weight"] == "int8" and gptq_count == 6 * hp.num_layers + 1
+    expected, expected_scale, _ = gptq_quantize(model.tok_emb.weight.detach().float(), hessians[HEAD_INPUT], 127, ClipRule(20.0))
+    assert torch.equal(tensors["tok_emb.weight.q"], expected) and torch.equal(tensors["tok_emb.weight.scale"], expected_scale)
+    without = tiny_hp(DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", GPTQ_CALIB_SAMPLES="2", MODEL_DIM="128",
+                      NUM_HEADS="2", NUM_KV_HEADS="2")
+    assert HEAD_INPUT not in collect_hessians(without, model, Runtime())
+
+
+def test_a_looped_layers_hessian_adds_up_every_pass(smoke_corpus):
+    hp = tiny_hp(PROFILE="pr1493", DATA_PATH=str(smoke_corpus), TRAIN_BATCH_TOKENS="512", GPTQ_CALIB_SAMPLES="1",
+                 NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="1024",
+                 TOKENIZER_PATH=str(TOKENIZER), TRAIN_SAMPLER="coprime")
+    model = tiny_model(hp)
+    inputs = []
+    model.blocks[1].mlp.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    model.looping = True
+    hessians = collect_hessians(hp, model, Runtime())
+    assert len(inputs) == 3  # layer 1 runs three times per forward
+    expected = sum(x.flatten(0, 1).T @ x.flatten(0, 1) / x[..., 0].numel() for x in inputs)
+    assert torch.allclose(hessians["blocks.1.up"], expected, rtol=1e-5, atol=1e-6)
+    last_pass_only = inputs[-1].flatten(0, 1).T @ inputs[-1].flatten(0, 1) / inputs[-1][..., 0].numel()
+    assert not torch.allclose(hessians["blocks.1.up"], last_pass_only, rtol=1e-2)
 
 
 def sample_tensors():

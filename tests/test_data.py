@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import ShardCursor, TokenSampler, build_smoke_corpus, load_validation_tokens, shard_paths
+from trainer.data import CoprimeSampler, ShardCursor, ShuffledSampler, build_smoke_corpus, load_validation_tokens, shard_paths
 from trainer.main import load_data
 from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters, InputError
@@ -66,7 +66,7 @@ def test_each_shard_gets_one_cursor_and_draws_only_for_it(tmp_path, monkeypatch)
     built = []
     original = ShardCursor.__init__
     monkeypatch.setattr(ShardCursor, "__init__", lambda self, *a: (built.append(1), original(self, *a))[1])
-    sampler = TokenSampler(make_shards(tmp_path, [3000 + 500 * i for i in range(12)]), 32, 16, 0, 1, 1)
+    sampler = CoprimeSampler(make_shards(tmp_path, [3000 + 500 * i for i in range(12)]), 32, 16, 0, 1, 1)
     for _ in range(10):
         sampler.draw_step_windows()
     assert len(built) == len(sampler.cursors) == 12
@@ -74,7 +74,7 @@ def test_each_shard_gets_one_cursor_and_draws_only_for_it(tmp_path, monkeypatch)
 
 def test_ranks_never_share_a_window(tmp_path):
     pattern = make_shards(tmp_path, [3000, 5000, 7000, 20000])
-    samplers = [TokenSampler(pattern, 32, 16, rank, 2, 2) for rank in range(2)]
+    samplers = [CoprimeSampler(pattern, 32, 16, rank, 2, 2) for rank in range(2)]
     for _ in range(20):
         windows = [sampler.draw_step_windows() for sampler in samplers]
         assert windows[0] == windows[1]  # every rank draws the same global list
@@ -84,8 +84,8 @@ def test_ranks_never_share_a_window(tmp_path):
 
 def test_micro_batches_do_not_depend_on_the_rank_split(tmp_path):
     pattern = make_shards(tmp_path, [4000, 9000])
-    one_rank = TokenSampler(pattern, 32, 8, 0, 1, 2)
-    two_ranks = [TokenSampler(pattern, 32, 8, rank, 2, 1) for rank in range(2)]
+    one_rank = CoprimeSampler(pattern, 32, 8, 0, 1, 2)
+    two_ranks = [CoprimeSampler(pattern, 32, 8, rank, 2, 1) for rank in range(2)]
     windows = one_rank.draw_step_windows()
     assert [one_rank.micro_batch_windows(windows, m) for m in range(2)] == \
         [sampler.micro_batch_windows(windows, 0) for sampler in two_ranks]
@@ -94,21 +94,21 @@ def test_micro_batches_do_not_depend_on_the_rank_split(tmp_path):
 def test_sampler_data_order_depends_only_on_file_names(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     a.mkdir(), b.mkdir()
-    first = TokenSampler(make_shards(a, [3000, 4000]), 32, 8, 0, 1, 1).draw_step_windows()
-    second = TokenSampler(make_shards(b, [3000, 4000]), 32, 8, 0, 1, 1).draw_step_windows()
+    first = CoprimeSampler(make_shards(a, [3000, 4000]), 32, 8, 0, 1, 1).draw_step_windows()
+    second = CoprimeSampler(make_shards(b, [3000, 4000]), 32, 8, 0, 1, 1).draw_step_windows()
     assert first == second
 
 
 def test_batches_hold_consecutive_tokens(tmp_path):
     write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(5000, dtype=np.uint16))
-    sampler = TokenSampler(str(tmp_path / "fineweb_train_*.bin"), 32, 4, 0, 1, 2)
+    sampler = CoprimeSampler(str(tmp_path / "fineweb_train_*.bin"), 32, 4, 0, 1, 2)
     for inputs, targets in sampler.next_step(Runtime()):
         assert inputs.shape == (2, 32) and torch.equal(targets, inputs + 1)
 
 
 def test_sampler_rejects_batches_that_do_not_split(tmp_path):
     with pytest.raises(InputError, match="multiple of WORLD_SIZE"):
-        TokenSampler(make_shards(tmp_path, [3000]), 32, 6, 0, 4, 1)
+        CoprimeSampler(make_shards(tmp_path, [3000]), 32, 6, 0, 4, 1)
 
 
 def test_smoke_corpus_is_real_english(smoke_corpus, tokenizer):
@@ -136,3 +136,40 @@ def test_smoke_corpus_is_only_built_in_its_own_folder(tmp_path, monkeypatch):
         load_data(hp, Runtime())
     assert [p.name for p in users.iterdir()] == ["fineweb_val_000000.bin"]
     assert read_shard(users / "fineweb_val_000000.bin").tolist() == list(range(300))
+
+
+def shuffled(tmp_path, sizes, rank=0, world=1, accum=2, seq_len=16, windows=4):
+    """Shard i holds 10000*i + 0, 1, 2...: a window's first token says where it came from."""
+    for i, size in enumerate(sizes):
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", (10000 * i + np.arange(size)).astype(np.uint16))
+    return ShuffledSampler(str(tmp_path / "fineweb_train_*.bin"), seq_len, windows, rank, world, accum)
+
+
+def test_the_shuffled_sampler_takes_every_window_of_its_shards_once_per_pass(tmp_path):
+    sampler = shuffled(tmp_path, [330, 170, 90])
+    per_pass = sum(len(starts) for starts in sampler.starts)
+    taken = [row[0] for _ in range(per_pass // 2) for row in sampler.micro_batch().tolist()]
+    assert len(taken) == per_pass and len(set(taken)) == per_pass  # no window twice before every one was taken
+    assert all(len(starts) == 0 for starts in sampler.starts)
+    again = sampler.micro_batch()  # all used up: every shard starts a new pass (with a new phase)
+    assert again.shape == (2, 17) and per_pass - 3 - 2 <= sum(len(starts) for starts in sampler.starts) <= per_pass - 2
+
+
+def test_the_shuffled_sampler_gives_each_rank_its_own_shards_and_seeds_by_rank(tmp_path):
+    ranks = [shuffled(tmp_path, [330, 170, 90], rank=r, world=2, accum=1) for r in range(2)]
+    assert [[p.name for p in s.paths] for s in ranks] == [["fineweb_train_000000.bin", "fineweb_train_000002.bin"],
+                                                           ["fineweb_train_000001.bin"]]
+    first = shuffled(tmp_path, [330, 170, 90], rank=0, world=2, accum=1).micro_batch()
+    assert np.array_equal(first, ranks[0].micro_batch())  # the same for any SEED: seeded by the rank
+
+
+def test_the_shuffled_sampler_draws_shards_by_what_they_have_left(tmp_path):
+    """Over many draws from a fresh pass, a shard's share follows its windows left."""
+    sampler = shuffled(tmp_path, [16 * 300 + 1, 16 * 100 + 1], windows=200, accum=1)
+    from_big = sum(int(row[0]) < 10000 for row in sampler.micro_batch())
+    assert 120 < from_big < 180  # 3 to 1 by windows left: about 150 of 200
+
+
+def test_the_shuffled_sampler_refuses_ranks_without_shards(tmp_path):
+    with pytest.raises(InputError, match="2 shards cannot give each of 4 ranks its own"):
+        shuffled(tmp_path, [330, 170], rank=3, world=4, accum=1)

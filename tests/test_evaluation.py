@@ -19,7 +19,7 @@ from trainer.evaluation import (CAUSAL_SLOT_MODES, EvalData, EvalResult, Evaluat
 from trainer.runtime import Runtime
 from trainer.settings import SLOT_MODES
 from trainer.shards import BOS_ID
-from conftest import ROOT, batch_layouts, nll_by_ordinal, noisy_model, tiny_hp, ttt_layout
+from conftest import ROOT, TOKENIZER_8192, batch_layouts, nll_by_ordinal, noisy_model, tiny_hp, ttt_layout
 
 RECORD_LOG = ROOT / "tests" / "data" / "record-logs" / "train_seed1337.log"
 
@@ -58,8 +58,36 @@ def test_unknown_pieces_count_nothing_and_restart_the_text(tokenizer, text):
     assert counted_bytes(tokenizer, ids) == sum(len(tokenizer.decode(r).encode("utf-8")) for r in runs)
 
 
+BYTE_FALLBACK = ["accents: café, naïve, Zürich", "emoji: 🎉🐍 done", "CJK 漢字かな 한국어", "brackets [y] {z} ~`\\",
+                 "Hello world", "  two  spaces\nand a newline\n\n"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_8192():
+    import sentencepiece
+
+    return sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER_8192))
+
+
+def test_the_sp8192_tokenizer_has_256_byte_pieces_of_one_byte_each(tokenizer_8192):
+    token_bytes = build_token_bytes(tokenizer_8192, 8192, torch.device("cpu"))
+    byte_pieces = [i for i in range(tokenizer_8192.vocab_size()) if tokenizer_8192.is_byte(i)]
+    assert len(byte_pieces) == 256 and token_bytes.base[byte_pieces].tolist() == [1] * 256
+    assert not token_bytes.leading_space[byte_pieces].any() and not token_bytes.boundary[byte_pieces].any()
+
+
+@pytest.mark.parametrize("text", BYTE_FALLBACK)
+def test_with_byte_fallback_every_text_counts_its_own_bytes(tokenizer_8192, text):
+    """Nothing is <unk> with byte fallback: the count is the decoded text's UTF-8 length."""
+    ids = tokenizer_8192.encode(text)
+    token_bytes = build_token_bytes(tokenizer_8192, 8192, torch.device("cpu"))
+    ids_t = torch.tensor([BOS_ID] + ids)
+    counted = int(count_bytes(token_bytes, ids_t[:-1], ids_t[1:]).sum())
+    assert tokenizer_8192.unk_id() not in ids and counted == len(tokenizer_8192.decode(ids).encode("utf-8"))
+
+
 class ByteFallbackTokenizer:
-    """A stand-in with byte pieces (the FineWeb tokenizer has none) for the byte rule."""
+    """A stand-in with byte pieces, for the byte rule by hand."""
     pieces = ["<pad>", "<s>", "</s>", "<unk>", "<0xC3>", "<0xA9>", "\u2581caf", "\u2581x"]
 
     def vocab_size(self):
@@ -194,6 +222,11 @@ def test_the_probe_catches_the_shared_slot_leak():
 
 TTT = {"TTT_CHUNK_TOKENS": "128", "TTT_EPOCHS": "2", "TTT_LR": "0.05", "TTT_BATCH_SEQS": "2", "TTT_FREEZE_BLOCKS": "1",
        "SLOT_ENABLED": "0"}
+# The PR #1493 model (loops over 1..2, parallel residuals from layer 3) and its TTT (all
+# parameters trainable, the last window on the stride grid).
+LOOPED = {"PROFILE": "pr1493", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2", "PARALLEL_RESIDUAL_START": "3",
+          "XSA_LAST_N": "4", "BIGRAM_VOCAB_SIZE": "0", "VOCAB_SIZE": "1024", "TOKENIZER_PATH": str(ROOT / "data/tokenizers/fineweb_1024_bpe.model"),
+          "TTT_CHUNK_TOKENS": "128", "TTT_EPOCHS": "2", "TTT_LR": "0.05", "TTT_BATCH_SEQS": "2"}
 
 
 def test_ttt_never_looks_ahead():
@@ -203,6 +236,31 @@ def test_ttt_never_looks_ahead():
     # and adaptation happens: a later chunk's scores differ from plain sliding
     plain = cached_nll(tuple(sorted(TTT.items())), None)
     assert torch.equal(plain[:128], before[:128]) and not torch.equal(plain[128:], before[128:])
+
+
+def looped_nll(probe, ttt):
+    hp = tiny_hp(**LOOPED)
+    model = noisy_model(hp)
+    model.looping = True
+    return per_ordinal_nll(hp, probe_tokens(probe), ttt=ttt, model=model)
+
+
+@pytest.mark.parametrize("ttt", [False, True], ids=["sliding", "ttt"])
+def test_the_looped_parallel_model_and_its_ttt_never_look_ahead(ttt):
+    before, after = looped_nll(None, ttt), looped_nll(PROBE, ttt)
+    assert torch.equal(before[:PROBE], after[:PROBE])
+    assert before[PROBE] != after[PROBE]
+
+
+def test_pr1493_ttt_trains_every_parameter(byte_table):
+    hp = tiny_hp(**LOOPED)
+    assert hp.ttt_freeze_blocks == 0
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    model = noisy_model(hp)
+    evaluate_ttt(model, data_of(val_tokens(400), byte_table), hp, runtime)
+    assert f"unfrozen={sum(p.numel() for p in model.parameters())} frozen=0" in lines[0]
 
 
 def test_slot_changes_scores_and_modes_differ():

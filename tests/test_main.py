@@ -155,3 +155,20 @@ def test_help_lists_every_setting_without_starting_a_run(tmp_path, monkeypatch, 
     assert run_in_process(tmp_path, {}, monkeypatch, ["--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Parameter-golf trainer") and "  SLOT_STEPS " in out and not (tmp_path / "logs").exists()
+
+
+def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeypatch):
+    """PROFILE=pr1493 SMOKE=1 end to end at a few steps: the SP8192 smoke corpus, loops
+    switched on during training, parallel residuals, SDClip GPTQ incl. the token table,
+    score-first TTT counted."""
+    settings = {"PROFILE": "pr1493", "SMOKE": "1", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "1024",
+                "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "64", "ROPE_TRAIN_SEQ_LEN": "64",
+                "GPTQ_CALIB_SAMPLES": "1", "MODEL_DIM": "64", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
+                "PARALLEL_RESIDUAL_START": "3", "XSA_LAST_N": "4", "TTT_CHUNK_TOKENS": "8192", "RUN_ID": "pr1493"}
+    assert run_in_process(tmp_path, settings, monkeypatch) == 0
+    log = run_log(tmp_path)
+    assert "profile: pr1493 smoke" in log and "loop_warmup_step:2/2" in log
+    assert "layer_loop:enabled step:3 frac:0.500 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
+    assert re.search(r"^gptq_quantize: 25 GPTQ matrices, 0 rounded per row", log, re.MULTILINE)  # 4 layers x 6 + the table
+    assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
+    assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)

@@ -1,4 +1,5 @@
-"""MODEL: size, causality, XSA, BigramHash, RoPE, late QAT, and that every parameter learns."""
+"""trainer.model: size, causality, XSA, BigramHash, RoPE, late QAT, depth recurrence, parallel
+residuals, and that every parameter learns."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from trainer.model import BigramHash, GPT, ModelConfig, QATLinear, apply_rotary,
 from trainer.optimizer import build_optimizers
 from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters
-from conftest import noisy_model, tiny_hp, tiny_model
+from conftest import TOKENIZER_8192, noisy_model, tiny_hp, tiny_model
 
 
-def test_default_model_has_the_reference_parameter_count():
-    model = GPT(ModelConfig.from_settings(Hyperparameters.from_env({})))
-    assert sum(p.numel() for p in model.parameters()) == 27_041_372
+@pytest.mark.parametrize("profile, count", [("pr1217", 27_041_372), ("pr1493", 35_944_536)])
+def test_each_profile_has_its_record_parameter_count(profile, count):
+    with torch.device("meta"):  # shapes only: no weights are made
+        model = GPT(ModelConfig.from_settings(Hyperparameters.from_env({"PROFILE": profile})))
+    assert sum(p.numel() for p in model.parameters()) == count
 
 
 def test_loss_is_the_mean_of_the_token_losses():
@@ -64,7 +67,7 @@ def test_bigram_buckets_by_hand():
 
 def test_rotary_matches_a_complex_rotation_and_leaves_the_rest():
     x = torch.randn(1, 6, 2, 12, dtype=torch.float64)
-    cos, sin = rotary_tables(6, 8, 10000.0, torch.device("cpu"))
+    cos, sin = rotary_tables(6, 8, 10000.0, 1024, torch.device("cpu"))
     out = apply_rotary(x, cos.double(), sin.double())
     pairs = torch.complex(x[..., :4], x[..., 4:8])
     angles = torch.arange(6, dtype=torch.float64)[:, None] / 10000.0 ** (torch.arange(0, 8, 2, dtype=torch.float64) / 8)
@@ -73,10 +76,10 @@ def test_rotary_matches_a_complex_rotation_and_leaves_the_rest():
     assert torch.equal(out[..., 8:], x[..., 8:])
 
 
-def test_rotary_base_grows_past_1024():
-    cos, _ = rotary_tables(2048, 16, 10000.0, torch.device("cpu"))
-    scaled_base = 10000.0 * 2 ** (16 / 14)
-    assert torch.isclose(cos[0, 5, 0, 1], torch.cos(torch.tensor(5.0) / scaled_base ** (2 / 16)), atol=1e-5)
+@pytest.mark.parametrize("train_seq_len, base", [(1024, 10000.0 * 2 ** (16 / 14)), (2048, 10000.0), (512, 10000.0 * 4 ** (16 / 14))])
+def test_rotary_base_grows_past_the_training_length(train_seq_len, base):
+    cos, _ = rotary_tables(2048, 16, 10000.0, train_seq_len, torch.device("cpu"))
+    assert torch.isclose(cos[0, 5, 0, 1], torch.cos(torch.tensor(5.0) / base ** (2 / 16)), atol=1e-5)
 
 
 @pytest.mark.parametrize("clip_range", [31, 15])
@@ -132,3 +135,54 @@ def test_every_parameter_gets_a_gradient_and_moves(smoke_corpus):
     moved = {name for name, p in model.named_parameters() if not torch.equal(p.detach(), initial[name])}
     names = {name for name, _ in model.named_parameters()}
     assert names - reached == set() and names - moved == set()
+
+
+def test_the_record_1493_layer_order_loops_layers_3_to_5():
+    config = ModelConfig.from_settings(Hyperparameters.from_env({"PROFILE": "pr1493"}))
+    assert config.layer_order(looping=False) == ([0, 1, 2, 3, 4], [5, 6, 7, 8, 9, 10])
+    assert config.layer_order(looping=True) == ([0, 1, 2, 3, 4, 5, 3, 4], [5, 3, 4, 5, 6, 7, 8, 9, 10])
+    assert config.num_skips == 8
+
+
+def plain_forward(model, tokens):
+    """The loops, skips and parallel residuals written out plainly from the weights, in float64."""
+    config = model.config
+    encoder, decoder = config.layer_order(model.looping)
+    x = torch.nn.functional.rms_norm(model.tok_emb(tokens).double(), (config.model_dim,))
+    x0, skips = x, []
+    rotary = tuple(t.double() for t in rotary_tables(tokens.size(1), config.rope_dims, config.rope_base,
+                                                      config.rope_train_seq_len, tokens.device))
+    for position, layer in enumerate(encoder + decoder):
+        if position >= len(encoder) and position - len(encoder) < config.num_skips and skips:
+            k = position - len(encoder)
+            gate = torch.sigmoid(model.skip_gates[k].double())
+            x = gate * x + (1 - gate) * model.skip_weights[k].double() * skips.pop()
+        block = model.blocks[layer]
+        weights = [w.double() for w in model.layer_weights(layer)]
+        mix = block.resid_mix.double()
+        x = mix[0] * x + mix[1] * x0
+        scale = block.norm_scale
+        attention = block.attn.double()(torch.nn.functional.rms_norm(x, (config.model_dim,)) * scale, rotary, *weights[:4], None)
+        after = x + block.attn_scale.double() * attention
+        mlp_input = x if layer >= config.parallel_residual_start >= 0 else after
+        hidden = torch.nn.functional.leaky_relu(torch.nn.functional.rms_norm(mlp_input, (config.model_dim,)) * scale @ weights[4].T,
+                                                config.negative_slope).square()
+        x = after + block.mlp_scale.double() * (hidden @ weights[5].T)
+        if position < len(encoder):
+            skips.append(x)
+    return torch.nn.functional.rms_norm(x, (config.model_dim,))
+
+
+@pytest.mark.parametrize("looping", [False, True])
+def test_loops_and_parallel_residuals_match_a_plain_version(looping):
+    """6 layers looping 2..3 twice more, parallel from layer 4 (inside the decoder both ways)."""
+    hp = tiny_hp(PROFILE="pr1493", NUM_LAYERS="6", MODEL_DIM="64", NUM_HEADS="4", NUM_KV_HEADS="2", XSA_LAST_N="6",
+                 LOOP_START="2", LOOP_END="3", PARALLEL_RESIDUAL_START="4", BIGRAM_VOCAB_SIZE="0",
+                 TOKENIZER_PATH=str(TOKENIZER_8192))
+    model = noisy_model(hp).double()
+    model.looping = looping
+    tokens = torch.randint(0, hp.vocab_size, (2, 24))
+    expected = plain_forward(model, tokens)
+    assert torch.allclose(model.forward_hidden(tokens), expected, atol=1e-10)
+    model.looping = not looping
+    assert not torch.allclose(model.forward_hidden(tokens), expected, atol=1e-3)  # the loops do change the function

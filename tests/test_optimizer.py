@@ -192,3 +192,17 @@ def test_schedule_sets_every_group():
     assert [g["lr"] for g in optimizers.adam.param_groups] == [hp.tied_embed_lr * 0.5, hp.scalar_lr * 0.5]
     assert {g["lr"] for g in optimizers.muon.param_groups} == {hp.matrix_lr * 0.5}
     assert {g["momentum"] for g in optimizers.muon.param_groups} == {0.95}
+
+
+def test_token_tables_and_controls_decay_by_their_own_settings():
+    """EMBED_WD for the token tables, ADAM_WD for the rest (PR #1493: 0.085 and 0.02)."""
+    hp = tiny_hp(EMBED_WD="0.5", ADAM_WD="0.25", TIED_EMBED_LR="0.1", SCALAR_LR="0.2")
+    model = tiny_model(hp)
+    optimizers = build_optimizers(hp, model, Runtime())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for param in model.parameters():
+        param.grad = torch.zeros_like(param)  # nothing to learn: only the decay moves a weight
+    optimizers.step(0.0)
+    after = dict(model.named_parameters())
+    assert torch.allclose(after["tok_emb.weight"], before["tok_emb.weight"] * (1 - 0.1 * 0.5))
+    assert torch.allclose(after["skip_weights"], before["skip_weights"] * (1 - 0.2 * 0.25))

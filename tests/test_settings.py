@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from trainer.main import run_cli
-from trainer.settings import (PROFILES, Hyperparameters, InputError, changed_settings, misspelled_settings, profile_defaults,
-                              with_smoke_when_no_data)
+from trainer.settings import (PROFILES, Hyperparameters, InputError, changed_settings, describe_settings, misspelled_settings,
+                              profile_defaults, with_smoke_when_no_data)
 
 
 
@@ -120,7 +120,7 @@ def test_a_number_outside_its_range_stops_at_start_with_one_line(spec):
     ({"ARTIFACT_PATH": ""}, "ARTIFACT_PATH='' is not allowed: a file name"),
     ({"ARTIFACT_PATH": "."}, "ARTIFACT_PATH='.' is not allowed: a file name"),
     ({"ARTIFACT_PATH": "out/"}, "ARTIFACT_PATH='out/' is not allowed: a file name"),
-    ({"PROFILE": "pr9999"}, "PROFILE='pr9999' is not allowed: one of pr1217"),
+    ({"PROFILE": "pr9999"}, "PROFILE='pr9999' is not allowed: one of pr1217, pr1493"),
 ], ids=["slot_lr", "beta1", "softcap", "rope_base", "reserve", "run_id_up", "run_id_absolute", "run_id_hidden",
         "artifact_empty", "artifact_dot", "artifact_folder", "profile"])
 def test_the_examples_of_late_failures_now_stop_at_start(environ, message):
@@ -145,3 +145,40 @@ def test_the_smoke_run_starts_when_there_is_no_data(tmp_path, monkeypatch):
     shards.mkdir(parents=True)
     (shards / "fineweb_train_000000.bin").write_bytes(b"")
     assert "SMOKE" not in with_smoke_when_no_data({})
+
+
+def test_a_profile_sets_its_record_values_and_every_setting_still_wins():
+    hp = Hyperparameters.from_env({"PROFILE": "pr1493"})
+    assert (hp.vocab_size, hp.mlp_mult, hp.qk_gain_init, hp.num_loops, hp.parallel_residual_start) == (8192, 4.0, 5.25, 2, 7)
+    assert (hp.matrix_lr, hp.muon_wd, hp.embed_wd, hp.adam_wd, hp.ema_decay, hp.warmdown_frac) == (0.022, 0.095, 0.085, 0.02, 0.9965, 0.72)
+    assert (hp.matrix_clip_sigmas, hp.embed_clip_sigmas, hp.gptq_reserve_ms, hp.train_sampler) == (12.85, 20.0, 12000.0, "shuffled")
+    assert not hp.slot_enabled and hp.ttt_enabled and (hp.ttt_lr, hp.ttt_freeze_blocks) == (0.005, 0)
+    assert Hyperparameters.from_env({"PROFILE": "pr1493", "NUM_LOOPS": "0"}).num_loops == 0
+    assert changed_settings(Hyperparameters.from_env({"PROFILE": "pr1493", "SEED": "42"})) == "SEED=42"
+    assert changed_settings(Hyperparameters.from_env({"PROFILE": "pr1493", "SMOKE": "1"})) == "none"
+
+
+def test_the_smoke_run_keeps_each_profiles_features():
+    smoke = Hyperparameters.from_env({"PROFILE": "pr1493", "SMOKE": "1"})
+    assert smoke.num_loops == 2 and smoke.loop_end < smoke.num_layers and 0 <= smoke.parallel_residual_start < smoke.num_layers
+    assert smoke.ttt_enabled and smoke.vocab_size == 8192 and smoke.data_path != profile_defaults("pr1217", True).data_path
+
+
+def test_help_shows_every_profiles_values_and_the_ranges():
+    text = describe_settings()
+    assert text.startswith("Environment variables (pr1217 / pr1493 values, then the allowed range):")
+    assert "  VOCAB_SIZE                   [1024 / 8192] [2, 65536]: tokenizer vocabulary size" in text
+    assert "  MATRIX_LR                    [0.03 / 0.022] [0, inf): Muon LR of the weight banks" in text
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"NUM_LOOPS": "2", "LOOP_START": "5", "LOOP_END": "3"}, "LOOP_END=3 is not allowed: must lie in LOOP_START=5..NUM_LAYERS-1=10"),
+    ({"NUM_LOOPS": "2", "LOOP_END": "11"}, "LOOP_END=11 is not allowed: must lie in LOOP_START=3..NUM_LAYERS-1=10"),
+    ({"WARMDOWN_FRAC": "0.5"}, "WARMDOWN_FRAC=0.5 is not allowed: and WARMDOWN_ITERS=3500 both set the warmdown"),
+    ({"PROFILE": "pr1493", "GPTQ_FINE_SCALES": "1"}, "GPTQ_FINE_SCALES=1 is not allowed: only refines the quantile search"),
+    ({"TRAIN_SAMPLER": "random"}, "TRAIN_SAMPLER='random' is not allowed: one of coprime, shuffled"),
+])
+def test_the_new_settings_check_each_other(environ, message):
+    with pytest.raises(InputError) as caught:
+        Hyperparameters.from_env(environ)
+    assert str(caught.value).startswith(message)

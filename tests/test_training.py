@@ -1,4 +1,4 @@
-"""TRAINING LOOP: schedules, EMA, late QAT, warm-up, the wall-clock cap, compilation."""
+"""trainer.training: schedules, EMA, late QAT, loops, warm-up, the wall-clock cap, compilation."""
 
 from __future__ import annotations
 
@@ -34,6 +34,17 @@ def test_step_schedule_without_a_cap():
     hp = Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "1000"})
     assert [lr_multiplier(hp, s, 0.0, None) for s in (0, 900, 950, 999, 1000)] == [1.0, 1.0, 0.5, 0.01, 0.0]
     assert lr_multiplier(Hyperparameters.from_env({"WARMDOWN_ITERS": "0"}), 19999, 0.0, None) == 1.0
+
+
+def test_the_fraction_warmdown_of_pr1493():
+    """Flat for the first 28% of training, then linear to 0: by time with a cap, else by steps."""
+    hp = Hyperparameters.from_env({"PROFILE": "pr1493"})
+    assert hp.warmdown_frac == 0.72 and hp.warmdown_iters == 0
+    cap = 588_000.0
+    assert [lr_multiplier(hp, 0, f * cap, cap) for f in (0.0, 0.27, 0.28, 0.64, 1.0)] == pytest.approx([1, 1, 1, 0.5, 0])
+    assert lr_multiplier(hp, 0, 0.5 * cap, cap) == pytest.approx(0.5 / 0.72)
+    steps = Hyperparameters.from_env({"PROFILE": "pr1493", "ITERATIONS": "1000", "MAX_WALLCLOCK_SECONDS": "0"})
+    assert [lr_multiplier(steps, s, 123.0, None) for s in (0, 280, 640, 1000)] == pytest.approx([1, 1, 0.5, 0])
 
 
 def test_momentum_warms_up_linearly():
@@ -158,7 +169,8 @@ def timed_run(smoke_corpus, tokenizer, monkeypatch):
         def timed_step(train_model, optimizers, batches, hp, runtime):
             loss = real_step(train_model, optimizers, batches, hp, runtime) if learn else torch.tensor(2.5)
             steps.append({"lr": optimizers.muon.param_groups[0]["lr"], "momentum": optimizers.muon.param_groups[0]["momentum"],
-                          "qat": model.bigram.proj.qat_sharpness is not None, "inputs": batches[0][0].clone(),
+                          "qat": model.bigram is not None and model.bigram.proj.qat_sharpness is not None,
+                          "looping": model.looping, "inputs": batches[0][0].clone(),
                           "weights": [p.detach().double().clone() for p in model.parameters()]})
             clock.now += 1.0
             return loss
@@ -177,7 +189,7 @@ def timed_run(smoke_corpus, tokenizer, monkeypatch):
         log: list[str] = []
         monkeypatch.setattr(Runtime, "log", lambda self, message, console=True: log.append(message))
         train(hp, model, data, runtime, clock=clock)
-        return hp, model, steps[hp.warmup_steps:], initial, log
+        return hp, model, steps[hp.warmup_steps * (2 if hp.num_loops else 1):], initial, log  # the timed steps
 
     return run
 
@@ -335,3 +347,16 @@ def test_late_qat_uses_the_quant_clip_range():
     qat = LateQAT(hp, model, Runtime())
     qat.switch(True)
     assert {(layer.qat_clip_range, layer.qat_sharpness is qat.sharpness) for layer in model.qat_layers()} == {(15, True)}
+
+
+def test_loops_switch_on_at_their_fraction_and_warm_up_first(timed_run):
+    """PR #1493: looping starts at 35% of training (here 20 steps) and stays; the warm-up
+    runs WARMUP_STEPS more with the loops on, then resets them."""
+    hp, model, steps, _, log = timed_run(False, PROFILE="pr1493", NUM_LAYERS="4", LOOP_START="1", LOOP_END="2",
+                                         PARALLEL_RESIDUAL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0",
+                                         VOCAB_SIZE="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0")
+    warmup = [line for line in log if "warmup_step" in line]
+    assert warmup == ["warmup_step:1/2", "warmup_step:2/2", "loop_warmup_step:1/2", "loop_warmup_step:2/2"]
+    assert [s["looping"] for s in steps] == [False] * 7 + [True] * 13  # step 7 of 20 is the first at >= 0.35
+    assert "layer_loop:enabled step:7 frac:0.350 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
+    assert model.looping

@@ -54,12 +54,21 @@ def running_code() -> CodeIdentity:
     return CodeIdentity(source_sha256, hashlib.sha256(shipped).hexdigest(), len(shipped))
 
 
-# GPTQ int6. By default the reference's choices: per-row scales floored at 1/N (coarse
-# grids for small rows, which is much of why its artifact compresses to ~4.5 bits per
-# weight), a second 1% damping of H inside each matrix, and the clip quantile with the
-# lowest plain squared error. GPTQ_FINE_SCALES=1 instead keeps every row's own
-# resolution, damps once and picks the clip by Hessian-weighted error.
+# GPTQ. Two records' ways of choosing a row's scale, and a finer variant of the first:
+# - PR #1217: the best of five clip quantiles by plain squared error, scales floored at 1/N
+#   (coarse grids for small rows, much of why its artifact compresses to ~4.5 bits per
+#   weight), H damped by 1% at calibration and by 1% again inside each matrix;
+# - GPTQ_FINE_SCALES=1: the same search with no floor, one damping, Hessian-weighted error;
+# - PR #1493, SDClip (MATRIX_CLIP_SIGMAS / EMBED_CLIP_SIGMAS > 0): one scale per row, k times
+#   the row's standard deviation over the grid's half-width, no floor, H damped once.
 CLIP_QUANTILES = (0.999, 0.9995, 0.9999, 0.99999, 1.0)
+
+
+@dataclass(frozen=True)
+class ClipRule:
+    sigmas: float = 0.0  # > 0: SDClip at this many standard deviations
+    fine: bool = False  # the quantile search without floor, damped once, by Hessian-weighted error
+
 
 def row_scales(weight: Tensor, quantile: float, clip_range: int, floor: bool) -> Tensor:
     """float32 per-row scales putting the row's |w| quantile on the grid edge, inside fp16's
@@ -68,19 +77,29 @@ def row_scales(weight: Tensor, quantile: float, clip_range: int, floor: bool) ->
     clip = magnitude.amax(dim=1) if quantile >= 1.0 else torch.quantile(magnitude, quantile, dim=1)
     return (clip / clip_range).clamp(1.0 / clip_range if floor else 2.0**-24, 65504.0)
 
+
+def sdclip_scales(weight: Tensor, sigmas: float, clip_range: int) -> Tensor:
+    """fp16 per-row scales k * std(row) / N (the unbiased std, as the record takes it)."""
+    return (sigmas * weight.std(dim=1) / clip_range).clamp_min(1e-10).to(torch.float16)
+
+
 def round_to_grid(weight: Tensor, scale: Tensor, clip_range: int) -> Tensor:
     return torch.clamp(torch.round(weight / scale.float()[:, None]), -clip_range, clip_range).to(torch.int8)
+
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
     return q.float() * scale.float()[:, None]
 
+
 def squared_error(weight: Tensor, q: Tensor, scale: Tensor) -> float:
     return float((weight - dequantize_rows(q, scale)).square().sum())
+
 
 def hessian_error(weight: Tensor, q: Tensor, scale: Tensor, hessian: Tensor) -> float:
     """tr(E H E^T) with E = W - dequant(Q): the loss increase GPTQ minimises."""
     error = weight - dequantize_rows(q, scale)
     return float(((error @ hessian) * error).sum())
+
 
 def quantize_rows_int6(weight: Tensor, clip_range: int = 31, floor: bool = True) -> tuple[Tensor, Tensor]:
     """Per-row rounding; the clip quantile with the lowest squared error wins."""
@@ -88,23 +107,31 @@ def quantize_rows_int6(weight: Tensor, clip_range: int = 31, floor: bool = True)
                   for scale in (row_scales(weight, quantile, clip_range, floor).half() for quantile in CLIP_QUANTILES)]
     return min(candidates, key=lambda candidate: squared_error(weight, *candidate))
 
+
 def quantize_rows_int8(weight: Tensor, floor: bool = True, quantile: float = 0.9999984) -> tuple[Tensor, Tensor]:
     scale = row_scales(weight, quantile, 127, floor)  # as the record: rounded with the float32 scale, stored as fp16
     return round_to_grid(weight, scale, 127), scale.half()
 
-def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31, block_size: int = 128,
-                  fine: bool = False) -> tuple[Tensor, Tensor, bool]:
-    """GPTQ (Frantar et al. 2023) to int6 rows; returns (q, scale, whether GPTQ was used).
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31, rule: ClipRule = ClipRule(),
+                  block_size: int = 128) -> tuple[Tensor, Tensor, bool]:
+    """GPTQ (Frantar et al. 2023) to rows on the [-clip_range, clip_range] grid; returns
+    (q, scale, whether GPTQ was used). `hessian` is the mean X^T X of the layer's inputs.
 
     Columns go in order of decreasing H diagonal; each column's rounding error is fed
     forward to the columns not yet quantised through the upper Cholesky factor of H^-1.
-    Every clip quantile is tried. If H is not positive definite, plain per-row rounding.
+    If H is not positive definite, plain per-row rounding.
     """
-    weight, hessian = weight.float(), hessian.float().clone()
+    weight, hessian = weight.float(), hessian.float()
+    if not rule.sigmas:  # the PR #1217 record damps every Hessian once at calibration
+        hessian = hessian + 0.01 * hessian.diagonal().mean().clamp_min(1e-8) * torch.eye(len(hessian), device=hessian.device)
+    hessian = hessian.clone()
     dead = hessian.diagonal() == 0  # inputs that never fire: any value is free
     hessian[dead, dead] = 1.0
-    if not fine:
+    if not rule.fine:
         hessian.diagonal().add_(0.01 * hessian.diagonal().mean())
+    scales = [sdclip_scales(weight, rule.sigmas, clip_range)] if rule.sigmas else \
+        [row_scales(weight, quantile, clip_range, floor=not rule.fine).half() for quantile in CLIP_QUANTILES]
     order = torch.argsort(hessian.diagonal(), descending=True)
     permuted_h = hessian[order][:, order]
     try:
@@ -112,16 +139,16 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, clip_range: int = 31, block_s
     except RuntimeError:  # torch.linalg.LinAlgError is a RuntimeError
         upper = None
     if upper is None or not torch.isfinite(upper).all():
-        return (*quantize_rows_int6(weight, clip_range, floor=not fine), False)
+        if rule.sigmas:
+            return round_to_grid(weight, scales[0], clip_range), scales[0], False
+        return (*quantize_rows_int6(weight, clip_range, floor=not rule.fine), False)
     permuted_w = weight[:, order].clone()
     permuted_w[:, dead[order]] = 0
     inverse_order = torch.argsort(order)
-    candidates = []
-    for quantile in CLIP_QUANTILES:
-        scale = row_scales(weight, quantile, clip_range, floor=not fine).half()
-        candidates.append((gptq_columns(permuted_w, upper, scale, clip_range, block_size)[:, inverse_order], scale))
-    error = (lambda c: hessian_error(weight, *c, hessian)) if fine else (lambda c: squared_error(weight, *c))
+    candidates = [(gptq_columns(permuted_w, upper, scale, clip_range, block_size)[:, inverse_order], scale) for scale in scales]
+    error = (lambda c: hessian_error(weight, *c, hessian)) if rule.fine else (lambda c: squared_error(weight, *c))
     return (*min(candidates, key=error), True)
+
 
 def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, block_size: int) -> Tensor:
     """The GPTQ sweep over (already permuted) columns, in blocks with lazy updates."""
@@ -289,10 +316,14 @@ def rebank(matrices: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
         state[bank] = torch.stack([by_index[i] for i in range(len(by_index))])
     return state
 
+HEAD_INPUT = "head"  # the Hessian of the tied head's input: the token table's, for its GPTQ
+
+
 @torch.no_grad()
 def collect_hessians(hp: Hyperparameters, model: GPT, runtime: Runtime) -> dict[str, Tensor]:
-    """H = mean of X^T X for every linear input, over GPTQ_CALIB_SAMPLES training micro-batches
-    per rank, averaged over ranks, plus 1% of the mean diagonal."""
+    """H = mean of X^T X for every linear input (a looped layer's passes added up), over
+    GPTQ_CALIB_SAMPLES training micro-batches per rank, averaged over ranks; with
+    EMBED_CLIP_SIGMAS also the head's input, for the tied token table."""
     sampler = make_sampler(hp, runtime)
     records = model.capture_inputs(True)
     was_training = model.training
@@ -302,47 +333,61 @@ def collect_hessians(hp: Hyperparameters, model: GPT, runtime: Runtime) -> dict[
     while batches < hp.gptq_calib_samples:
         for inputs, _ in sampler.next_step(runtime)[: hp.gptq_calib_samples - batches]:
             with runtime.autocast():
-                model.forward_hidden(inputs)
-            for layer, (attn_inputs, mlp_inputs) in enumerate(records):
-                for key, x in {**attn_inputs, **mlp_inputs}.items():
+                hidden = model.forward_hidden(inputs)
+            captured = {f"blocks.{layer}.{key}": passes for layer, (attn_inputs, mlp_inputs) in enumerate(records)
+                        for key, passes in {**attn_inputs, **mlp_inputs}.items()}
+            if hp.embed_clip_sigmas:
+                captured[HEAD_INPUT] = [hidden]
+            for name, passes in captured.items():
+                for x in passes:
                     x = x.float().flatten(0, -2)
-                    name = f"blocks.{layer}.{key}"
                     hessians[name] = hessians.get(name, 0) + x.T @ x / x.size(0)
+            for attn_inputs, mlp_inputs in records:
+                attn_inputs.clear()
+                mlp_inputs.clear()
             batches += 1
     model.capture_inputs(False)
     model.train(was_training)
-    for name, hessian in hessians.items():
-        hessian = runtime.all_reduce_(hessian) / (batches * runtime.world_size)
-        hessians[name] = hessian + 0.01 * hessian.diagonal().mean().clamp_min(1e-8) * torch.eye(len(hessian), device=hessian.device)
-    return hessians
+    return {name: runtime.all_reduce_(hessian) / (batches * runtime.world_size) for name, hessian in hessians.items()}
+
+
+def gptq_jobs(hp: Hyperparameters, matrices: dict[str, Tensor]) -> list[tuple[str, str, int, ClipRule, str]]:
+    """(matrix, Hessian, grid half-width, clip rule, scheme) of every matrix GPTQ quantises:
+    the block matrices to int6, and the tied token table to int8 with EMBED_CLIP_SIGMAS."""
+    jobs = [(name, matrix_location(name, hp.num_layers)[2], hp.quant_clip_range,
+             ClipRule(hp.matrix_clip_sigmas, hp.gptq_fine_scales), "int6") for name in bank_matrix_names(hp.num_layers)]
+    if hp.embed_clip_sigmas and matrices["tok_emb.weight"].numel() > SMALL_TENSOR_NUMEL:
+        jobs.append(("tok_emb.weight", HEAD_INPUT, 127, ClipRule(hp.embed_clip_sigmas), "int8"))
+    return jobs
+
 
 def quantize_state(hp: Hyperparameters, state: dict[str, Tensor], hessians: dict[str, Tensor],
                    runtime: Runtime) -> tuple[dict[str, Tensor], dict[str, str], int]:
-    """GPTQ int6 for every block matrix, int8 rows for the other matrices of more than
-    SMALL_TENSOR_NUMEL values, fp16 for the rest. The GPTQ matrices are shared out over
-    the ranks and broadcast back, so every rank ends with the whole quantised state.
-    Returns tensors, scheme per name, and how many matrices GPTQ quantised.
+    """GPTQ for every block matrix (int6) and, with EMBED_CLIP_SIGMAS, the token table
+    (int8); per-row int8 rounding for the other matrices of more than SMALL_TENSOR_NUMEL
+    values, fp16 for the rest. The GPTQ matrices are shared out over the ranks and
+    broadcast back, so every rank ends with the whole quantised state. Returns tensors,
+    scheme per name, and how many matrices GPTQ quantised.
 
-    The reference stores any tensor of at most SMALL_TENSOR_NUMEL values as fp16, block
-    matrices included; at its sizes every block matrix is larger, so the two agree, and
-    here small models (the embedded default, the tests) still go through GPTQ."""
+    The records store any tensor of at most SMALL_TENSOR_NUMEL values as fp16, block
+    matrices included; at their sizes every block matrix is larger, so the two agree, and
+    here small models (the smoke run, the tests) still go through GPTQ."""
     matrices = unbank(state, hp.num_layers)
     tensors: dict[str, Tensor] = {}
     schemes: dict[str, str] = {}
-    gptq_names = bank_matrix_names(hp.num_layers)
-    gptq_used = torch.zeros(len(gptq_names), device=runtime.device)
-    for index, name in enumerate(gptq_names):
+    jobs = gptq_jobs(hp, matrices)
+    gptq_used = torch.zeros(len(jobs), device=runtime.device)
+    for index, (name, hessian, clip_range, rule, scheme) in enumerate(jobs):
         weight, owner = matrices[name].float(), index % runtime.world_size
         if owner == runtime.rank:
-            q, scale, used = gptq_quantize(weight, hessians[matrix_location(name, hp.num_layers)[2]], hp.quant_clip_range,
-                                           fine=hp.gptq_fine_scales)
+            q, scale, used = gptq_quantize(weight, hessians[hessian], clip_range, rule)
             gptq_used[index] = float(used)
         else:
             q = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
             scale = torch.empty(weight.size(0), dtype=torch.float16, device=weight.device)
         runtime.broadcast_(q, owner)
         runtime.broadcast_(scale, owner)
-        tensors[f"{name}.q"], tensors[f"{name}.scale"], schemes[name] = q, scale, "int6"
+        tensors[f"{name}.q"], tensors[f"{name}.scale"], schemes[name] = q, scale, scheme
     for name, tensor in matrices.items():
         if name in schemes:
             continue
@@ -352,6 +397,7 @@ def quantize_state(hp: Hyperparameters, state: dict[str, Tensor], hessians: dict
         else:
             tensors[name], schemes[name] = tensor.to(torch.float16), "fp16"
     return {k: v.cpu() for k, v in tensors.items()}, schemes, int(runtime.all_reduce_(gptq_used).sum())
+
 
 def dequantize_state(tensors: dict[str, Tensor], schemes: dict[str, str], num_layers: int) -> dict[str, Tensor]:
     matrices = {}
@@ -431,8 +477,9 @@ def export_artifact(hp: Hyperparameters, model: GPT, runtime: Runtime, target: P
     for name, tensor in tensors.items():  # finite in float32 is not enough: fp16 ends at 65504
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise RunError(f"the trained weights do not fit the artifact ({name} overflows float16); nothing was exported")
-    runtime.log(f"gptq_quantize: {gptq_count} GPTQ layers, {sum(s == 'int6' for s in schemes.values()) - gptq_count} "
-                f"naive layers, {time.perf_counter() - started:.1f}s in all")
+    quantised = sum(scheme != "fp16" for scheme in schemes.values())
+    runtime.log(f"gptq_quantize: {gptq_count} GPTQ matrices, {quantised - gptq_count} rounded per row, "
+                f"{time.perf_counter() - started:.1f}s in all")
     blob = None
     if runtime.is_main:
         blob = encode_artifact(tensors, {"schemes": schemes, "model": model.config.function_fields()})
@@ -462,6 +509,7 @@ def load_quantized_model(config: ModelConfig, blob: bytes, source: str, runtime:
     model = GPT(config)
     try:
         model.load_state_dict(dequantize_state(tensors, meta["schemes"], config.num_layers))
-    except (KeyError, RuntimeError, ValueError) as error:
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise InputError(f"{source}: tensors do not fit the model ({error})") from None
+    model.looping = config.num_loops > 0  # a looped model is evaluated looped, as the PR #1493 record does
     return model.to(runtime.device)

@@ -1,7 +1,8 @@
-"""Data: validation tokens, the training samplers, the smoke corpus.
+"""Data: validation tokens, the two records' training samplers, the smoke corpus.
 
-Training windows come from the coprime-stride sampler of the PR #1217 record; the smoke
-corpus is built from the vendored text on first use.
+TRAIN_SAMPLER picks the sampler: the PR #1217 record's coprime-stride mix of shards, or
+the PR #1493 record's per-rank shuffle. The smoke corpus is built from the vendored text
+on first use, with the profile's tokenizer.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ class ShardCursor:
 # SHARDS_START to SHARDS_END.
 MIX_RAMP_STEPS, ALPHA_START, ALPHA_END, SHARDS_START, SHARDS_END = 1800, 0.9, 0.5, 8, 32
 
-class TokenSampler:
+class CoprimeSampler:
     """The coprime-stride multi-shard sampler.
 
     Each step draws the step's global list of windows: a few shards, chosen with
@@ -167,9 +168,62 @@ class TokenSampler:
             batches.append((rows[:, :-1], rows[:, 1:]))
         return batches
 
-def make_sampler(hp: Hyperparameters, runtime: Runtime) -> TokenSampler:
-    return TokenSampler(hp.train_files, hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len,
-                        runtime.rank, runtime.world_size, runtime.accum_steps)
+class ShuffledSampler:
+    """The PR #1493 record's sampler. Each rank reads only its own shards (every world-size-th
+    file); each shard's sequences come in a random order from a random phase, and every
+    sequence of a micro-batch is drawn from a shard chosen with probability proportional to
+    the sequences it has left; when all of the rank's shards are used up, all start again.
+    As in the record, the generator is seeded with the rank alone, so the order is the same
+    for every SEED and differs between world sizes (docs/design.md)."""
+
+    def __init__(self, pattern: str, seq_len: int, windows_per_step: int, rank: int, world_size: int, accum_steps: int):
+        if windows_per_step % (world_size * accum_steps):
+            raise InputError(f"TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN={windows_per_step} windows is not allowed: "
+                             f"must be a multiple of WORLD_SIZE*GRAD_ACCUM_STEPS={world_size * accum_steps}")
+        paths = shard_paths(pattern)
+        self.paths = paths[rank::world_size]
+        if not self.paths:
+            raise InputError(f"{pattern}: {len(paths)} shards cannot give each of {world_size} ranks its own")
+        self.shards = [read_shard(path) for path in self.paths]
+        self.seq_len, self.accum_steps = seq_len, accum_steps
+        self.per_micro_step = windows_per_step // (world_size * accum_steps)
+        self.rng = np.random.Generator(np.random.PCG64(rank))
+        self.starts = [self.shuffled_starts(shard.size) for shard in self.shards]
+        if not any(self.starts):
+            raise InputError(f"{pattern}: no shard of rank {rank} holds a full window of {seq_len + 1} tokens")
+
+    def shuffled_starts(self, num_tokens: int) -> list[int]:
+        """A shard's window starts for one pass, in the order they are taken (from the end)."""
+        max_phase = min(self.seq_len - 1, max(0, num_tokens - self.seq_len - 1))
+        phase = int(self.rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        return (phase + self.rng.permutation(max((num_tokens - 1 - phase) // self.seq_len, 0)) * self.seq_len).tolist()
+
+    def micro_batch(self) -> np.ndarray:
+        left = np.array([len(starts) for starts in self.starts], dtype=np.float64)
+        rows = []
+        for _ in range(self.per_micro_step):
+            if left.sum() <= 0:
+                self.starts = [self.shuffled_starts(shard.size) for shard in self.shards]
+                left = np.array([len(starts) for starts in self.starts], dtype=np.float64)
+            shard = int(self.rng.choice(len(self.shards), p=left / left.sum()))
+            start = self.starts[shard].pop()
+            left[shard] -= 1
+            rows.append(self.shards[shard][start : start + self.seq_len + 1])
+        return np.stack(rows)
+
+    def next_step(self, runtime: Runtime) -> list[tuple[Tensor, Tensor]]:
+        """This rank's (inputs, targets) for each micro-step of the next step."""
+        batches = []
+        for _ in range(self.accum_steps):
+            rows = runtime.to_device(torch.from_numpy(self.micro_batch().astype(np.int64)))
+            batches.append((rows[:, :-1], rows[:, 1:]))
+        return batches
+
+
+def make_sampler(hp: Hyperparameters, runtime: Runtime) -> CoprimeSampler | ShuffledSampler:
+    kind = CoprimeSampler if hp.train_sampler == "coprime" else ShuffledSampler
+    return kind(hp.train_files, hp.train_seq_len, hp.train_batch_tokens // hp.train_seq_len,
+                runtime.rank, runtime.world_size, runtime.accum_steps)
 
 def build_smoke_corpus(data_path: str | Path, tokenizer: Any, tokenizer_path: str | Path) -> None:
     """Shards for the smoke run from the vendored text, and a manifest naming the

@@ -52,6 +52,12 @@ class ModelConfig:
     bigram_dim: int
     ve_dim: int
     ve_layers: tuple[int, ...]
+    smear_gate: bool
+    num_loops: int
+    loop_start: int
+    loop_end: int
+    parallel_residual_start: int
+    rope_train_seq_len: int
     logit_softcap: float
     negative_slope: float
     qk_gain_init: float
@@ -73,6 +79,23 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    def layer_order(self, looping: bool) -> tuple[list[int], list[int]]:
+        """(encoder, decoder) physical layers in the order the forward visits them. Looping
+        repeats layers LOOP_START..LOOP_END NUM_LOOPS more times, and the visits are split in
+        half again (the PR #1493 record's 11 layers: [0,1,2,3,4,5,3,4] and [5,3,4,5,...,10])."""
+        layers = list(range(self.num_layers))
+        if looping and self.num_loops > 0:
+            segment = layers[self.loop_start : self.loop_end + 1]
+            layers = layers[: self.loop_start] + segment * (self.num_loops + 1) + layers[self.loop_end + 1 :]
+        half = self.num_layers // 2 if not looping or self.num_loops == 0 else len(layers) // 2
+        return layers[:half], layers[half:]
+
+    @property
+    def num_skips(self) -> int:
+        """U-Net skip weights: as many as the longer (looped) order pairs up."""
+        encoder, decoder = self.layer_order(looping=True)
+        return min(len(encoder), len(decoder))
+
     def function_fields(self) -> dict[str, Any]:
         """The fields a stored model must match (lists where JSON turns tuples into lists)."""
         return {key: list(value) if isinstance(value, tuple) else value
@@ -87,14 +110,16 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
                                        is_causal=True, enable_gqa=q.size(2) != k.size(2))
     return y.transpose(1, 2)
 
-def rotary_tables(seq_len: int, rope_dims: int, base: float, device: torch.device) -> tuple[Tensor, Tensor]:
+def rotary_tables(seq_len: int, rope_dims: int, base: float, train_seq_len: int,
+                  device: torch.device) -> tuple[Tensor, Tensor]:
     """cos/sin for partial RoPE, shaped [1, T, 1, rope_dims/2].
 
-    Quirk kept from the reference: the table believes training length is 1024, so at
-    longer lengths the base grows by (L/1024)^(rd/(rd-2)) (NTK-style scaling).
+    Sequences longer than ROPE_TRAIN_SEQ_LEN grow the base by (L/train)^(rd/(rd-2))
+    (NTK-style scaling). The PR #1217 record believed it trained at 1024 and so scales at
+    its 2048; the PR #1493 record uses its real 2048 and never scales.
     """
-    if seq_len > 1024:
-        base = base * (seq_len / 1024) ** (rope_dims / (rope_dims - 2))
+    if seq_len > train_seq_len:
+        base = base * (seq_len / train_seq_len) ** (rope_dims / (rope_dims - 2))
     inv_freq = 1.0 / base ** (torch.arange(0, rope_dims, 2, dtype=torch.float32, device=device) / rope_dims)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
@@ -202,13 +227,13 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init))
         self.use_xsa = use_xsa
-        self.captured: dict[str, Tensor] | None = None  # GPTQ calibration inputs when set
+        self.captured: dict[str, list[Tensor]] | None = None  # GPTQ calibration inputs when set (a looped layer: several)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor], q_w: Tensor, k_w: Tensor, v_w: Tensor,
                 out_w: Tensor, value_embed: Tensor | None) -> Tensor:
         batch, seq, width = x.shape
         if self.captured is not None:
-            self.captured["qkv"] = x.detach()
+            self.captured.setdefault("qkv", []).append(x.detach())
         q = F.linear(x, q_w.to(x.dtype)).reshape(batch, seq, self.num_heads, self.head_dim)
         k = F.linear(x, k_w.to(x.dtype)).reshape(batch, seq, self.num_kv_heads, self.head_dim)
         v = F.linear(x, v_w.to(x.dtype))
@@ -223,21 +248,21 @@ class Attention(nn.Module):
             y = remove_self_value(y, v)
         y = y.reshape(batch, seq, width)
         if self.captured is not None:
-            self.captured["out"] = y.detach()
+            self.captured.setdefault("out", []).append(y.detach())
         return F.linear(y, out_w.to(y.dtype))
 
 class MLP(nn.Module):
     def __init__(self, negative_slope: float):
         super().__init__()
         self.negative_slope = negative_slope
-        self.captured: dict[str, Tensor] | None = None
+        self.captured: dict[str, list[Tensor]] | None = None
 
     def forward(self, x: Tensor, up_w: Tensor, down_w: Tensor) -> Tensor:
         if self.captured is not None:
-            self.captured["up"] = x.detach()
+            self.captured.setdefault("up", []).append(x.detach())
         hidden = F.leaky_relu(F.linear(x, up_w.to(x.dtype)), self.negative_slope).square()
         if self.captured is not None:
-            self.captured["down"] = hidden.detach()
+            self.captured.setdefault("down", []).append(hidden.detach())
         return F.linear(hidden, down_w.to(hidden.dtype))
 
 class Block(nn.Module):
@@ -250,6 +275,7 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.norm_scale = 1.0 / math.sqrt(layer + 1)  # deeper layers see smaller normed inputs
+        self.parallel = 0 <= config.parallel_residual_start <= layer  # GPT-J style: attention and MLP read one input
 
     def forward(self, x: Tensor, x0: Tensor, rotary: tuple[Tensor, Tensor], weights: tuple[Tensor, ...],
                 value_embed: Tensor | None) -> Tensor:
@@ -257,9 +283,10 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         normed = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
-        x = x + self.attn_scale.to(x.dtype) * self.attn(normed, rotary, q_w, k_w, v_w, out_w, value_embed)
-        normed = F.rms_norm(x, (x.size(-1),)) * self.norm_scale
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(normed, up_w, down_w)
+        attended = x + self.attn_scale.to(x.dtype) * self.attn(normed, rotary, q_w, k_w, v_w, out_w, value_embed)
+        if not self.parallel:
+            normed = F.rms_norm(attended, (x.size(-1),)) * self.norm_scale
+        return attended + self.mlp_scale.to(x.dtype) * self.mlp(normed, up_w, down_w)
 
 class GPT(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -269,13 +296,12 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, dim)
         nn.init.normal_(self.tok_emb.weight, std=config.tied_embed_init_std)
         self.bigram = BigramHash(config.bigram_vocab_size, config.bigram_dim, dim) if config.bigram_vocab_size else None
-        self.smear = SmearGate(dim)
+        self.smear = SmearGate(dim) if config.smear_gate else None
         self.ve_layers = list(config.ve_layers)
         self.value_embed = ValueEmbedding(config.vocab_size, config.ve_dim, config.kv_dim, len(self.ve_layers)) if self.ve_layers else None
-        self.num_encoder = layers // 2
-        num_skips = min(self.num_encoder, layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, dim))
-        self.skip_gates = nn.Parameter(torch.zeros(num_skips, dim))
+        self.skip_weights = nn.Parameter(torch.ones(config.num_skips, dim))
+        self.skip_gates = nn.Parameter(torch.zeros(config.num_skips, dim))
+        self.looping = False  # switched on during training (ENABLE_LOOPING_AT) and for every evaluation after it
         self.qo_bank = nn.Parameter(torch.zeros(2 * layers, dim, dim))
         self.kv_bank = nn.Parameter(torch.zeros(2 * layers, config.kv_dim, dim))
         self.mlp_up_bank = nn.Parameter(torch.zeros(layers, config.mlp_hidden, dim))
@@ -295,22 +321,24 @@ class GPT(nn.Module):
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
-        x = self.smear(F.rms_norm(x, (x.size(-1),)))
-        x0 = x
-        rotary = rotary_tables(input_ids.size(1), self.config.rope_dims, self.config.rope_base, input_ids.device)
+        x = F.rms_norm(x, (x.size(-1),))
+        x = x0 = self.smear(x) if self.smear is not None else x
+        config = self.config
+        rotary = rotary_tables(input_ids.size(1), config.rope_dims, config.rope_base, config.rope_train_seq_len, input_ids.device)
         value_base = self.value_embed(input_ids) if self.value_embed is not None else None
+        encoder, decoder = config.layer_order(self.looping)
         skips: list[Tensor] = []
-        for i, block in enumerate(self.blocks):
-            decoder_index = i - self.num_encoder
-            if 0 <= decoder_index < len(self.skip_weights) and skips:
+        for position, i in enumerate(encoder + decoder):
+            decoder_index = position - len(encoder)
+            if 0 <= decoder_index < config.num_skips and skips:
                 # U-Net skip: the most recent encoder output, gated in by lerp.
                 gate = torch.sigmoid(self.skip_gates[decoder_index]).to(x.dtype)
                 x = torch.lerp(self.skip_weights[decoder_index].to(x.dtype) * skips.pop(), x, gate)
             value_embed = None
             if i in self.ve_layers:
                 value_embed = value_base * self.value_embed.layer_scales[self.ve_layers.index(i)]
-            x = block(x, x0, rotary, self.layer_weights(i), value_embed)
-            if i < self.num_encoder:
+            x = self.blocks[i](x, x0, rotary, self.layer_weights(i), value_embed)
+            if decoder_index < 0:
                 skips.append(x)
         return F.rms_norm(x, (x.size(-1),))
 
@@ -331,7 +359,7 @@ class GPT(nn.Module):
     def qat_layers(self) -> list[QATLinear]:
         return [module for module in self.modules() if isinstance(module, QATLinear)]
 
-    def capture_inputs(self, enabled: bool) -> list[tuple[dict[str, Tensor], dict[str, Tensor]]]:
+    def capture_inputs(self, enabled: bool) -> list[tuple[dict[str, list[Tensor]], dict[str, list[Tensor]]]]:
         """Make every block record its linear-layer inputs (for GPTQ); returns the records."""
         records = []
         for block in self.blocks:

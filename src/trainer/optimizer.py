@@ -150,9 +150,9 @@ def build_optimizers(hp: Hyperparameters, model: GPT, runtime: Runtime) -> Optim
     tables = [named[name] for name in TOKEN_TABLE_NAMES if name in named]
     controls = [p for name, p in named.items() if name not in BANK_NAMES and name not in TOKEN_TABLE_NAMES]
     adam = torch.optim.AdamW(
-        [dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr),
-         dict(params=controls, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
-        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd, fused=runtime.device.type == "cuda")
+        [dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr, weight_decay=hp.embed_wd),
+         dict(params=controls, lr=hp.scalar_lr, base_lr=hp.scalar_lr, weight_decay=hp.adam_wd)],
+        betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, fused=runtime.device.type == "cuda")
     muon = MuonEqR(banks, [matrix_lr_scales(hp, bank.size(0), runtime.device) for bank in banks], lr=hp.matrix_lr,
                    momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps, weight_decay=hp.muon_wd,
                    row_normalize=hp.muon_eq_r, runtime=runtime)

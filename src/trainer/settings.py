@@ -58,23 +58,39 @@ RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SLOT_MODES = ("window", "batch_causal", "shared")
 
 
-# Named defaults: what each record's run set, on top of the field defaults above.
-PROFILES: dict[str, dict[str, Any]] = {"pr1217": {}}
+# Named defaults: what each record's run set, on top of the field defaults above (which are
+# the PR #1217 record's). docs/design.md lists every difference from each record.
+PROFILES: dict[str, dict[str, Any]] = {
+    "pr1217": {},
+    "pr1493": dict(  # SP8192, 3-layer recurrence, parallel residuals, QK gain 5.25, SDClip GPTQ, score-first TTT
+        data_path="./data/datasets/fineweb10B_sp8192", tokenizer_path="./data/tokenizers/fineweb_8192_bpe.model",
+        vocab_size=8192, mlp_mult=4.0, qk_gain_init=5.25, bigram_vocab_size=0, ve_enabled=False, smear_gate=False,
+        num_loops=2, parallel_residual_start=7, rope_train_seq_len=2048, warmdown_iters=0, warmdown_frac=0.72,
+        gptq_reserve_ms=12000.0, train_sampler="shuffled", matrix_lr=0.022, scalar_lr=0.02, tied_embed_lr=0.03,
+        embed_wd=0.085, adam_wd=0.02, muon_wd=0.095, ema_decay=0.9965, late_qat_threshold=0.0,
+        matrix_clip_sigmas=12.85, embed_clip_sigmas=20.0, eval_full_last_window=False, slot_enabled=False,
+        ttt_enabled=True, ttt_lr=0.005, ttt_freeze_blocks=0),
+}
 
 # The smoke run: each profile shrunk to a model that trains in about two minutes on two
 # CPU cores, on the vendored text of data/smoke/. Bounded by steps, so a seed gives the
 # same score on any machine of the same kind; the hour's safety cap only stops a machine
 # that is far too slow, and says so.
-SMOKE_SETTINGS: dict[str, dict[str, Any]] = {"pr1217": dict(
-    data_path="./data/datasets/smoke_pydoc_sp1024", num_layers=4, model_dim=128,
-    num_heads=4, num_kv_heads=2, mlp_mult=2.0, xsa_last_n=4, bigram_vocab_size=512,
-    bigram_dim=32, ve_dim=32, ve_layers="2,3", train_batch_tokens=8192, train_seq_len=256,
-    grad_accum_steps=1, iterations=150, warmup_steps=2, warmdown_iters=100, max_wallclock_seconds=0.0,
-    safety_cap_seconds=3600.0, gptq_reserve_ms=0.0, val_loss_every=50, train_log_every=25, val_batch_size=16384,
-    muon_momentum_warmup_steps=100, late_qat_min_step=100, gptq_calib_samples=4, ema_decay=0.95,
-    eval_seq_len=256, eval_batch_seqs=16, slot_steps=4,
-    ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1, ttt_batch_seqs=8)}
-SMOKE_EXPECTED_BPB = {"pr1217": 1.82}  # each smoke run's final score for SEED=1337 (README)
+SMOKE_SHAPES: dict[str, Any] = dict(  # both profiles
+    model_dim=128, num_heads=4, num_kv_heads=2, train_batch_tokens=8192, train_seq_len=256, grad_accum_steps=1,
+    iterations=150, warmup_steps=2, max_wallclock_seconds=0.0, safety_cap_seconds=3600.0, gptq_reserve_ms=0.0,
+    val_loss_every=50, train_log_every=25, val_batch_size=16384, muon_momentum_warmup_steps=100, gptq_calib_samples=4,
+    ema_decay=0.95, eval_seq_len=256, eval_batch_seqs=16, ttt_enabled=True, ttt_chunk_tokens=8192, ttt_epochs=1,
+    ttt_batch_seqs=8)
+SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
+    "pr1217": dict(SMOKE_SHAPES, data_path="./data/datasets/smoke_pydoc_sp1024", num_layers=4, mlp_mult=2.0, xsa_last_n=4,
+                   bigram_vocab_size=512, bigram_dim=32, ve_dim=32, ve_layers="2,3", warmdown_iters=100,
+                   late_qat_min_step=100, slot_steps=4),
+    "pr1493": dict(SMOKE_SHAPES, data_path="./data/datasets/smoke_pydoc_sp8192",
+                   tokenizer_path="./data/tokenizers/fineweb_8192_bpe_vendored.model", num_layers=6, xsa_last_n=6,
+                   loop_start=2, loop_end=3, parallel_residual_start=4, rope_train_seq_len=256),
+}
+SMOKE_EXPECTED_BPB = {"pr1217": 1.82, "pr1493": 0.0}  # each smoke run's final score for SEED=1337 (README)
 
 
 @dataclass
@@ -103,6 +119,13 @@ class Hyperparameters:
     ve_enabled: bool = setting(True, "value embeddings on VE_LAYERS")
     ve_dim: int = setting(128, "value-embedding table width", "[1, inf)")
     ve_layers: str = setting("9,10", "comma-separated layers that add the value embedding")
+    smear_gate: bool = setting(True, "SmearGate: each position's input blends in the previous one's")
+    num_loops: int = setting(0, "depth recurrence: layers LOOP_START..LOOP_END run this many more times (0: off)", "[0, inf)")
+    loop_start: int = setting(3, "first layer of the looped segment", "[0, inf)")
+    loop_end: int = setting(5, "last layer of the looped segment", "[0, inf)")
+    enable_looping_at: float = setting(0.35, "looping starts at this fraction of training (time with a cap, else steps)", "[0, 1]")
+    parallel_residual_start: int = setting(-1, "layers from this one on add attention and MLP of one input, GPT-J style (-1: none)", "[-1, inf)")
+    rope_train_seq_len: int = setting(1024, "sequences longer than this get NTK-scaled RoPE (the PR #1217 record: 1024)", "[1, inf)")
     logit_softcap: float = setting(30.0, "logits = c*tanh(z/c)", "(0, inf)")
     tied_embed_init_std: float = setting(0.005, "init std of the tied embedding", "(0, inf)")
     negative_slope: float = setting(0.5, "leaky_relu slope inside the squared MLP activation", "[0, 1]")
@@ -113,18 +136,21 @@ class Hyperparameters:
     iterations: int = setting(20000, "step limit", "[1, inf)")
     warmup_steps: int = setting(20, "compile/prime steps, then everything is reset", "[0, inf)")
     warmdown_iters: int = setting(3500, "LR decays to 0 over the last N (average-length) steps", "[0, inf)")
+    warmdown_frac: float = setting(0.0, "LR decays to 0 over this last fraction of training (time with a cap, else steps; 0: WARMDOWN_ITERS)", "[0, 1)")
     max_wallclock_seconds: float = setting(600.0, "training time cap, where the LR schedule ends (0: none)", "[0, inf)")
     safety_cap_seconds: float = setting(0.0, "stop (and say so) after this long; no effect on the schedule (0: none)", "[0, inf)")
     gptq_reserve_ms: float = setting(9000.0, "part of the cap kept for GPTQ calibration", "[0, inf)")
     val_loss_every: int = setting(4000, "validate every N steps (0: only at the end)", "[0, inf)")
     train_log_every: int = setting(500, "log the train loss every N steps (0: never)", "[0, inf)")
     val_batch_size: int = setting(524_288, "tokens per validation batch, all ranks together", "[1, inf)")
+    train_sampler: str = setting("coprime", "coprime: the PR #1217 record's mix of shards; shuffled: the PR #1493 record's per-rank shuffle", ("coprime", "shuffled"))
     # optimiser
     matrix_lr: float = setting(0.03, "Muon LR of the weight banks", "[0, inf)")
     early_layers: int = setting(5, "layers 0..N-1 get EARLY_LAYERS_LR_SCALE", "[0, inf)")
     early_layers_lr_scale: float = setting(1.0, "Muon LR and decay multiplier of early layers (1: the record, whose split cancels)", "[0, inf)")
     scalar_lr: float = setting(0.025, "AdamW LR of control tensors and small projections", "[0, inf)")
     tied_embed_lr: float = setting(0.035, "AdamW LR of token-like tables", "[0, inf)")
+    embed_wd: float = setting(0.04, "AdamW weight decay of token-like tables", "[0, inf)")
     muon_momentum: float = setting(0.99, "Muon Nesterov momentum", "[0, 1)")
     muon_momentum_warmup_start: float = setting(0.92, "momentum at step 0", "[0, 1)")
     muon_momentum_warmup_steps: int = setting(1500, "steps to reach MUON_MOMENTUM", "[0, inf)")
@@ -134,7 +160,7 @@ class Hyperparameters:
     beta1: float = setting(0.9, "AdamW beta1", "[0, 1)")
     beta2: float = setting(0.95, "AdamW beta2", "[0, 1)")
     adam_eps: float = setting(1e-8, "AdamW epsilon", "(0, inf)")
-    adam_wd: float = setting(0.04, "AdamW weight decay", "[0, inf)")
+    adam_wd: float = setting(0.04, "AdamW weight decay of control tensors and small projections", "[0, inf)")
     grad_clip_norm: float = setting(0.3, "global gradient-norm clip (0: off)", "[0, inf)")
     ema_decay: float = setting(0.997, "EMA of the weights, applied before export", "[0, 1)")
     late_qat_threshold: float = setting(0.15, "fake-quantise small projections below this LR multiplier (0: off)", "[0, 1]")
@@ -143,6 +169,8 @@ class Hyperparameters:
     gptq_calib_samples: int = setting(64, "training micro-batches for GPTQ Hessians", "[1, inf)")
     quant_clip_range: int = setting(31, "int6 grid is [-N, N] (late QAT uses the same grid)", "[1, 127]")
     gptq_fine_scales: bool = setting(False, "no scale floor, one damping, Hessian-weighted clip (finer, larger)")
+    matrix_clip_sigmas: float = setting(0.0, "SDClip: int6 scales at k row standard deviations (0: the best of five quantiles)", "[0, inf)")
+    embed_clip_sigmas: float = setting(0.0, "token table by GPTQ int8 at k row standard deviations (0: per-row int8 rounding)", "[0, inf)")
     # evaluation
     eval_seq_len: int = setting(2048, "evaluation window length", "[1, inf)")
     eval_stride: int = setting(64, "sliding-window stride (new tokens scored per window)", "[1, inf)")
@@ -203,10 +231,17 @@ class Hyperparameters:
             ("train_batch_tokens", self.train_batch_tokens % self.train_seq_len == 0,
              f"must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len} (whole windows)"),
             ("gptq_reserve_ms", self.max_wallclock_seconds == 0 or self.gptq_reserve_ms < 1000 * self.max_wallclock_seconds,
-             f"must be less than MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} in ms (nothing would be left to train)")]
+             f"must be less than MAX_WALLCLOCK_SECONDS={self.max_wallclock_seconds:g} in ms (nothing would be left to train)"),
+            ("loop_end", self.num_loops == 0 or self.loop_start <= self.loop_end < self.num_layers,
+             f"must lie in LOOP_START={self.loop_start}..NUM_LAYERS-1={self.num_layers - 1} when NUM_LOOPS > 0"),
+            ("warmdown_frac", self.warmdown_frac == 0 or self.warmdown_iters == 0,
+             f"and WARMDOWN_ITERS={self.warmdown_iters} both set the warmdown: set the other to 0"),
+            ("gptq_fine_scales", not (self.gptq_fine_scales and self.matrix_clip_sigmas),
+             "only refines the quantile search: not with MATRIX_CLIP_SIGMAS > 0")]
         for name, holds, allowed in rules:
             if not holds:
-                raise InputError(f"{env_of(name)}={getattr(self, name)!r} is not allowed: {allowed}")
+                value = getattr(self, name)
+                raise InputError(f"{env_of(name)}={shown(value) if isinstance(value, bool) else repr(value)} is not allowed: {allowed}")
 
     @property
     def value_embedding_layers(self) -> list[int]:
@@ -228,7 +263,7 @@ def profile_defaults(profile: str, smoke: bool) -> Hyperparameters:
     """The defaults a run starts from before its own variables."""
     if profile not in PROFILES:
         raise InputError(f"PROFILE={profile!r} is not allowed: one of {', '.join(PROFILES)}")
-    return Hyperparameters(profile=profile, smoke=smoke, **PROFILES[profile], **(SMOKE_SETTINGS[profile] if smoke else {}))
+    return Hyperparameters(**{**PROFILES[profile], **(SMOKE_SETTINGS[profile] if smoke else {}), "profile": profile, "smoke": smoke})
 
 
 def env_of(name: str) -> str:

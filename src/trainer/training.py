@@ -19,12 +19,20 @@ from trainer.runtime import Progress, Runtime
 from trainer.settings import Hyperparameters, RunError
 
 
-def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
-    """1 until the last WARMDOWN_ITERS steps, then linear to 0.
+def training_fraction(hp: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+    """How far training has come: by time with a wall-clock cap, else by steps."""
+    return elapsed_ms / max(cap_ms, 1e-9) if cap_ms is not None else step / max(hp.iterations, 1)
 
-    With a wall-clock cap the warmdown is measured in time: it starts when the time
-    left is less than WARMDOWN_ITERS average steps, so it ends exactly at the cap.
+
+def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float, cap_ms: float | None) -> float:
+    """1, then linear to 0 at the end of training, over its last WARMDOWN_FRAC (the PR #1493
+    record) or over the last WARMDOWN_ITERS steps (the PR #1217 record). With a wall-clock
+    cap the WARMDOWN_ITERS warmdown is measured in time: it starts when the time left is
+    less than WARMDOWN_ITERS average steps, so it ends exactly at the cap.
     """
+    if hp.warmdown_frac > 0:
+        fraction = training_fraction(hp, step, elapsed_ms, cap_ms)
+        return 1.0 if fraction < 1 - hp.warmdown_frac else max((1 - fraction) / hp.warmdown_frac, 0.0)
     if hp.warmdown_iters <= 0:
         return 1.0
     if cap_ms is None:
@@ -32,6 +40,7 @@ def lr_multiplier(hp: Hyperparameters, step: int, elapsed_ms: float, cap_ms: flo
     warmdown_ms = hp.warmdown_iters * elapsed_ms / max(step, 1)
     remaining_ms = max(cap_ms - elapsed_ms, 0.0)
     return min(remaining_ms / max(warmdown_ms, 1e-9), 1.0)
+
 
 def muon_momentum_at(hp: Hyperparameters, step: int) -> float:
     fraction = min(step / hp.muon_momentum_warmup_steps, 1.0) if hp.muon_momentum_warmup_steps > 0 else 1.0
@@ -152,24 +161,29 @@ def warm_up_and_reset(hp: Hyperparameters, model: GPT, train_model: Callable, op
     """Run WARMUP_STEPS real steps to compile and prime kernels, then undo them: weights and
     optimiser state return to their initial values (the caller starts a fresh sampler).
 
-    The last warm-up step runs with late QAT on, so its graph is compiled now rather
-    than in the middle of the timed run.
+    The last warm-up step runs with late QAT on, and with NUM_LOOPS another WARMUP_STEPS
+    run with the loops on (as the PR #1493 record does), so those graphs are compiled now
+    rather than in the middle of the timed run.
     """
     if hp.warmup_steps <= 0:
         return
     initial_weights = {name: t.detach().clone() for name, t in model.state_dict().items()}
     initial_states = [copy.deepcopy(optimizer.state_dict()) for optimizer in optimizers.all()]
     sampler = make_sampler(hp, runtime)
-    for step in range(hp.warmup_steps):
-        if step == hp.warmup_steps - 1 and hp.late_qat_threshold > 0:
-            qat.switch(True)
-        train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
-        runtime.log(f"warmup_step:{step + 1}/{hp.warmup_steps}")
-    qat.switch(False)
+    for looping in (False, True) if hp.num_loops > 0 else (False,):
+        model.looping = looping
+        for step in range(hp.warmup_steps):
+            if step == hp.warmup_steps - 1 and hp.late_qat_threshold > 0 and not looping:
+                qat.switch(True)
+            train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
+            runtime.log(f"{'loop_' if looping else ''}warmup_step:{step + 1}/{hp.warmup_steps}")
+        qat.switch(False)
+    model.looping = False
     model.load_state_dict(initial_weights)
     for optimizer, state in zip(optimizers.all(), initial_states):
         optimizer.load_state_dict(state)
     optimizers.zero_grad()
+
 
 def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
           clock: Callable[[], float] = time.perf_counter) -> TrainingTime:
@@ -216,6 +230,11 @@ def train(hp: Hyperparameters, model: GPT, data: EvalData, runtime: Runtime,
                 runtime.log(f"stopping_early: {stopped} train_time:{training_ms:.0f}ms step:{step}/{hp.iterations}")
             break
         elapsed_ms = training_ms + 1000.0 * (clock() - started)
+        if hp.num_loops > 0 and not model.looping and training_fraction(hp, step, elapsed_ms, cap_ms) >= hp.enable_looping_at:
+            model.looping = True
+            encoder, decoder = model.config.layer_order(looping=True)
+            runtime.log(f"layer_loop:enabled step:{step} frac:{training_fraction(hp, step, elapsed_ms, cap_ms):.3f} "
+                        f"encoder:{encoder} decoder:{decoder}")
         lr_mul = lr_multiplier(hp, step, elapsed_ms, cap_ms)
         optimizers.set_schedule(lr_mul, muon_momentum_at(hp, step))
         loss = train_step(train_model, optimizers, sampler.next_step(runtime), hp, runtime)
