@@ -4,6 +4,8 @@
     python tools/build_proxy_corpus.py extract               # manuals -> data/proxy/proxy_text.jsonl.xz
     python tools/build_proxy_corpus.py tokenize --workers 16 # that file -> data/datasets/proxy_sp1024
     python tools/build_proxy_corpus.py verify [--expect SHA] # shards == their manifest (== another machine's)
+    python tools/build_proxy_corpus.py train-tokenizer       # an SP8192 model trained on the proxy text (NOT FineWeb's)
+    python tools/build_proxy_corpus.py tokenize --tokenizer data/tokenizers/proxy_8192_bpe.model  # -> proxy_sp8192
 
 Two steps, so a machine without network can have the corpus: `extract` (where Debian's
 packages can be installed) turns the HTML manuals into one deterministic xz-compressed
@@ -19,6 +21,22 @@ appearance in the whole corpus (API manuals repeat boilerplate on thousands of p
 and pages with at least MIN_PAGE_CHARS characters left. Validation is a fixed set of
 pages, chosen by a hash of the page's name (VAL_PER_MILLE of them), so it does not move
 when a package is added. Train on it with DATA_PATH=./data/datasets/proxy_sp1024.
+
+Any SentencePiece model tokenises the text (--tokenizer; the shards go to
+data/datasets/proxy_sp<VOCAB> unless --out says otherwise), and manifest.json records its
+sha256, so the trainer refuses the shards with another tokenizer. For machines without
+FineWeb's SP8192 tokenizer, `train-tokenizer` trains a BPE model of --vocab-size pieces
+(default 8192) on the proxy text's training pages, with the settings FineWeb's SP8192 model
+records (byte fallback, split digits, NFKC, no dummy prefix, ids pad 0, BOS 1, EOS 2,
+UNK 3). Such a model is NOT FineWeb's tokenizer: it learned other text, so its scores
+are not comparable with FineWeb BPB. It is written as proxy_<VOCAB>_bpe.model, a name
+that cannot be taken for FineWeb's, and never replaces a file. Train on its shards with
+DATA_PATH=./data/datasets/proxy_sp8192 TOKENIZER_PATH=./data/tokenizers/proxy_8192_bpe.model
+VOCAB_SIZE=8192.
+
+Bad input (an existing dataset in --out, a tokenizer that is not a SentencePiece model,
+an existing --model, a bad --vocab-size) is one line and exit status 2; a text file or
+shards that cannot make the corpus, exit status 1.
 """
 
 from __future__ import annotations
@@ -27,6 +45,7 @@ import argparse
 import gzip
 import hashlib
 import html
+import io
 import json
 import lzma
 import re
@@ -41,9 +60,10 @@ from typing import Iterator
 
 import numpy as np
 
-from tools.export_text import DEFAULT_TOKENIZER, ShardWriter
+from tools.export_text import DEFAULT_TOKENIZER, ShardWriter, check_new_dataset_folder, load_tokenizer, remove_written
 from tools import ROOT
-from trainer.files import write_atomic
+from trainer.files import file_sha256, write_atomic
+from trainer.settings import InputError
 from trainer.shards import BOS_ID, read_shard
 
 
@@ -90,7 +110,8 @@ SOURCES = (
 # Never prose: Sphinx's page sources and highlighted code, and index or search pages.
 SKIPPED_EVERYWHERE = ("/_sources/", "/_modules/", "genindex", "modindex", "/search.html")
 TEXT_FILE = ROOT / "data" / "proxy" / "proxy_text.jsonl.xz"
-OUT_DIR = ROOT / "data" / "datasets" / "proxy_sp1024"
+DATASETS = ROOT / "data" / "datasets"  # the shards go to DATASETS / proxy_sp<VOCAB>
+TOKENIZERS = ROOT / "data" / "tokenizers"  # a trained model goes to TOKENIZERS / proxy_<VOCAB>_bpe.model
 PAGE_NAME = re.compile(r"\.(html?|txt)(\.gz)?$")
 MIN_PAGE_CHARS = 500
 DEDUP_MIN_WORDS = 5  # shorter lines (headings, "Examples") may repeat
@@ -239,14 +260,6 @@ def encode_texts(tokenizer_path: str, texts: list[str]) -> list[np.ndarray]:
     return [np.array([BOS_ID] + ids, dtype=np.uint16) for ids in _TOKENIZER.encode(texts)]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokens_sha256(files: list[dict]) -> str:
     """One sum over every shard's name and sum: equal sums, equal tokens."""
     return hashlib.sha256("".join(f"{f['file']} {f['sha256']}\n" for f in files).encode()).hexdigest()
@@ -254,17 +267,28 @@ def tokens_sha256(files: list[dict]) -> str:
 
 def tokenize(text_file: Path, tokenizer: Path, out_dir: Path, workers: int, shard_tokens: int = SHARD_TOKENS) -> dict:
     """Validation pages in file order, then training pages in a fixed shuffled order (by a
-    hash of their keys, so the shards mix the manuals); returns the manifest."""
-    if not tokenizer.is_file():
-        raise CorpusError(f"{tokenizer}: no such tokenizer")
-    if any(out_dir.glob("fineweb_*.bin")):
-        raise CorpusError(f"{out_dir}: already holds shards (remove them to rebuild)")
+    hash of their keys, so the shards mix the manuals); returns the manifest. All or
+    nothing: a failure half-way removes the shards written."""
+    load_tokenizer(tokenizer)  # here, not in a worker: a bad model is one line, not a worker's traceback
+    check_new_dataset_folder(out_dir)
     documents = read_text_file(text_file)
     ordered = [d for d in documents if d["split"] == "val"]
     ordered += sorted((d for d in documents if d["split"] == "train"), key=lambda d: hashlib.sha256(d["key"].encode()).digest())
     started = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    created = not out_dir.exists()
     writers = {split: ShardWriter(out_dir, split, shard_tokens) for split in ("val", "train")}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_shards(ordered, tokenizer, writers, workers)
+        manifest = shards_manifest(text_file, tokenizer, out_dir, writers, started)
+        write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode(), overwrite=False)
+    except BaseException:  # Ctrl-C too: never leave shards that look like a corpus but are not all of it
+        remove_written(writers.values(), out_dir, created)
+        raise
+    return manifest
+
+
+def write_shards(ordered: list[dict], tokenizer: Path, writers: dict[str, ShardWriter], workers: int) -> None:
     batches = [ordered[i : i + 256] for i in range(0, len(ordered), 256)]
     with ProcessPoolExecutor(workers) as pool:
         encoded = pool.map(encode_texts, [str(tokenizer)] * len(batches), [[d["text"] for d in b] for b in batches])
@@ -273,17 +297,18 @@ def tokenize(text_file: Path, tokenizer: Path, out_dir: Path, workers: int, shar
                 writers[document["split"]].add(tokens)
     for writer in writers.values():
         writer.flush()
+
+
+def shards_manifest(text_file: Path, tokenizer: Path, out_dir: Path, writers: dict[str, ShardWriter], started: float) -> dict:
     files = writers["val"].files + writers["train"].files
     for entry in files:
         entry["sha256"] = file_sha256(out_dir / entry["file"])
     tokens = {split: sum(f["tokens"] for f in w.files) for split, w in writers.items()}
     if tokens["val"] < MIN_VAL_TOKENS:
         print(f"warning: only {tokens['val']} validation tokens (fewer than {MIN_VAL_TOKENS})", file=sys.stderr)
-    manifest = {"text_file": text_file.name, "text_sha256": file_sha256(text_file), "tokenizer": tokenizer.name,
-                "tokenizer_sha256": file_sha256(tokenizer), "tokens": tokens, "files": files,
-                "tokens_sha256": tokens_sha256(files), "seconds": round(time.perf_counter() - started, 1)}
-    write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode())
-    return manifest
+    return {"text_file": text_file.name, "text_sha256": file_sha256(text_file), "tokenizer": tokenizer.name,
+            "tokenizer_sha256": file_sha256(tokenizer), "tokens": tokens, "files": files,
+            "tokens_sha256": tokens_sha256(files), "seconds": round(time.perf_counter() - started, 1)}
 
 
 def verify(out_dir: Path, expected: str | None = None) -> dict:
@@ -307,20 +332,90 @@ def verify(out_dir: Path, expected: str | None = None) -> dict:
 
 
 # -----------------------------------------------------------------------------
+# Train a tokenizer: the proxy text -> an SP BPE model (NOT FineWeb's)
+# -----------------------------------------------------------------------------
+
+# The training settings the challenge's SP8192 FineWeb model records in its own file (its
+# trainer_spec and normalizer_spec; ../shared/tokenizers/fineweb_8192_bpe.model), so a model
+# trained here differs from it in the text it learned from, not in how it was trained:
+# byte fallback (no <unk> for unseen characters), digits split, NFKC, no dummy prefix,
+# and the ids the shards and the trainer assume (BOS 1).
+FINEWEB_SP_SETTINGS = {"model_type": "bpe", "character_coverage": 0.999, "byte_fallback": True, "split_digits": True,
+                       "normalization_rule_name": "nmt_nfkc", "add_dummy_prefix": False, "hard_vocab_limit": False,
+                       "pad_id": 0, "bos_id": BOS_ID, "eos_id": 2, "unk_id": 3}
+MIN_VOCAB_SIZE = 260  # 256 byte pieces and the 4 special ones
+# The model file records its thread count, so a fixed one gives the same bytes (and sha256)
+# on every machine; the pieces do not depend on it (the same with 1 and 2 threads).
+TRAIN_THREADS = 16
+NOT_FINEWEB = "NOT FineWeb's tokenizer: scores with it are not comparable with FineWeb BPB"
+
+
+def default_model_path(vocab_size: int) -> Path:
+    return TOKENIZERS / f"proxy_{vocab_size}_bpe.model"
+
+
+def training_sentences(documents: list[dict]) -> Iterator[str]:
+    """The non-empty lines of the training pages (validation stays unseen; SentencePiece
+    skips sentences over 4,192 bytes, so whole pages would be lost)."""
+    for document in documents:
+        if document["split"] == "train":
+            yield from (line for line in document["text"].split("\n") if line.strip())
+
+
+def train_tokenizer(text_file: Path, model: Path, vocab_size: int) -> dict:
+    """Train a BPE model on the proxy text and write it atomically, never over a file."""
+    import sentencepiece
+
+    if not MIN_VOCAB_SIZE < vocab_size <= 65536:
+        raise InputError(f"--vocab-size {vocab_size}: must be above {MIN_VOCAB_SIZE} (256 byte pieces, 4 special) "
+                         "and at most 65536 (the shards hold uint16 tokens)")
+    if model.exists():
+        raise InputError(f"{model}: already exists (a tokenizer is never replaced: name another --model or move it away)")
+    documents = read_text_file(text_file)
+    started, written = time.perf_counter(), io.BytesIO()
+    try:
+        sentencepiece.SentencePieceTrainer.train(sentence_iterator=training_sentences(documents), model_writer=written,
+                                                 vocab_size=vocab_size, num_threads=TRAIN_THREADS, minloglevel=2,
+                                                 **FINEWEB_SP_SETTINGS)
+    except RuntimeError as error:  # e.g. a vocabulary smaller than the text's characters need
+        raise InputError(f"sentencepiece could not train a {vocab_size}-piece model on {text_file}: "
+                         f"{str(error).strip().splitlines()[-1]}") from None
+    try:
+        write_atomic(model, written.getvalue(), overwrite=False)
+    except FileExistsError:
+        raise InputError(f"{model}: appeared while training; it was left as it is") from None
+    pieces = sentencepiece.SentencePieceProcessor(model_file=str(model)).vocab_size()
+    return {"model": model, "pieces": pieces, "sha256": file_sha256(model), "seconds": time.perf_counter() - started}
+
+
+# -----------------------------------------------------------------------------
 # Command line
 # -----------------------------------------------------------------------------
 
+def dataset_folder(tokenizer: Path) -> Path:
+    """data/datasets/proxy_sp<VOCAB>: the folder says which vocabulary made its shards."""
+    return DATASETS / f"proxy_sp{load_tokenizer(tokenizer).vocab_size()}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("all", "extract", "tokenize", "verify"))
+    parser.add_argument("command", choices=("all", "extract", "tokenize", "verify", "train-tokenizer"))
     parser.add_argument("--install", action="store_true", help="apt-get install the documentation packages first")
     parser.add_argument("--text-file", type=Path, default=TEXT_FILE)
-    parser.add_argument("--out", type=Path, default=OUT_DIR)
-    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    parser.add_argument("--out", type=Path, help="the shards' folder (default: data/datasets/proxy_sp<VOCAB>)")
+    parser.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER,
+                        help="tokenize: any SentencePiece model (default: FineWeb's SP1024, vendored)")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     parser.add_argument("--expect", help="verify: the tokens_sha256 another machine printed")
+    parser.add_argument("--vocab-size", type=int, default=8192, help="train-tokenizer: pieces of the model (default 8192)")
+    parser.add_argument("--model", type=Path, help="train-tokenizer: the model to write, never over a file "
+                        f"(default data/tokenizers/proxy_<VOCAB>_bpe.model); it is {NOT_FINEWEB}")
     args = parser.parse_args(argv)
     try:
+        if args.command in ("all", "tokenize", "verify") and args.out is None:
+            args.out = dataset_folder(args.tokenizer)
+        if args.command in ("all", "tokenize"):
+            check_new_dataset_folder(args.out)  # before the long extract, not after it
         if args.install:
             subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", *(s.package for s in SOURCES)], check=True)
         if args.command in ("all", "extract"):
@@ -338,6 +433,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             manifest = verify(args.out, args.expect)
             print(f"verify: {len(manifest['files'])} shards match; tokens_sha256 {manifest['tokens_sha256']}")
+        if args.command == "train-tokenizer":
+            trained = train_tokenizer(args.text_file, args.model or default_model_path(args.vocab_size), args.vocab_size)
+            print(f"train-tokenizer: {trained['model']}, {trained['pieces']} pieces trained on {args.text_file} in "
+                  f"{trained['seconds']:.0f}s, sha256 {trained['sha256']}. It is {NOT_FINEWEB}. Shards with it: "
+                  f"python tools/build_proxy_corpus.py tokenize --tokenizer {trained['model']}")
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except CorpusError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -345,7 +448,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: apt-get failed (exit status {error.returncode}); install the packages by hand", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
