@@ -128,8 +128,9 @@ def test_how_the_shipped_file_ends(tmp_path, quick_corpus, settings, argv, statu
     (RunError("the final score is not finite (nan)"), 1, "error: the final score is not finite (nan)"),
     (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
     (KeyboardInterrupt(), 130, "interrupted during training at step 4"),
-    (Terminated(), 143, "terminated (SIGTERM) during training at step 4"),
-], ids=["bad_input", "run_failure", "os_error", "ctrl_c", "sigterm"])
+    (Terminated(15), 143, "terminated (SIGTERM) during training at step 4"),
+    (Terminated(1), 129, "terminated (SIGHUP) during training at step 4"),
+], ids=["bad_input", "run_failure", "os_error", "ctrl_c", "sigterm", "sighup"])
 def test_every_way_a_run_ends_is_one_line_and_a_status(tmp_path, monkeypatch, capsys, error, status, line):
     def failing_run(hp, runtime):
         runtime.stage = "during training at step 4"

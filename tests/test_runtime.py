@@ -13,7 +13,7 @@ import pytest
 
 from trainer.files import temporary_name
 from trainer.runtime import (Progress, Runtime, Terminated, check_torch_version, launch_ranks, open_run_files,
-                             start_runtime, stop_on_sigterm)
+                             start_runtime, stop_on_signals)
 from trainer.settings import InputError
 from conftest import ROOT, tiny_hp
 
@@ -120,11 +120,14 @@ def test_progress_reports_every_estimate_to_its_watcher(monkeypatch):
     assert len(seen) == 1 and seen[0][0] == "batches" and seen[0][1] == pytest.approx(16.0, rel=0.01)
 
 
-def test_sigterm_becomes_an_exception():
-    previous = signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_become_an_exception(signum):
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        stop_on_sigterm()
-        with pytest.raises(Terminated):
-            os.kill(os.getpid(), signal.SIGTERM)
+        stop_on_signals()
+        with pytest.raises(Terminated) as caught:
+            os.kill(os.getpid(), signum)
+        assert caught.value.signum == signum
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)

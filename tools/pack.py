@@ -36,7 +36,7 @@ SHIPPED = ROOT / "train_gpt.py"
 README = ROOT / "README.md"
 TABLE_START, TABLE_END = "<!-- settings table: written by tools/pack.py -->", "<!-- end of settings table -->"
 HEADER = "import lzma as L,base64 as B,linecache as C,sys,traceback as T\n"
-LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "pb": 0}]  # text has no 4-byte alignment
 
 
 class PackError(ValueError):

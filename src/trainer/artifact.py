@@ -169,35 +169,37 @@ def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, 
     return q
 
 # Artifact format: magic, CRC-32 of the brotli stream (brotli has no checksum, so a
-# flipped byte could otherwise decode to other weights), then brotli(quality 11) of
-# [4-byte header length][JSON header][payload]. The header lists each tensor's dtype,
-# shape and byte range, back to back over the whole payload; multi-byte tensors are
-# byte-shuffled (all first bytes, then all second bytes...), which groups the similar
-# high bytes of fp16 values and helps brotli. Loading never runs code.
-ARTIFACT_MAGIC = b"PGOLF1\n"
+# flipped byte could otherwise decode to other weights), then brotli (quality 11, a 16 MiB
+# window) of [4-byte header length][JSON header][payload]. The header lists each tensor as
+# [name, dtype, shape]; the tensors lie back to back in that order over the whole payload.
+# Multi-byte tensors are byte-shuffled (all first bytes, then all second bytes...), which
+# groups the similar high bytes of fp16 values and helps brotli. Loading never runs code.
+ARTIFACT_MAGIC = b"PGOLF2\n"
 ARTIFACT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32}
+
 
 def byte_shuffle(raw: bytes, width: int) -> bytes:
     return np.frombuffer(raw, dtype=np.uint8).reshape(-1, width).T.tobytes() if width > 1 else raw
 
+
 def byte_unshuffle(raw: bytes, width: int) -> bytes:
     return np.frombuffer(raw, dtype=np.uint8).reshape(width, -1).T.tobytes() if width > 1 else raw
 
-def artifact_payload(tensors: dict[str, Tensor], shuffle: bool = True) -> tuple[list[dict], bytes]:
+
+def artifact_payload(tensors: dict[str, Tensor], shuffle: bool = True) -> tuple[list[list], bytes]:
     """The header's tensor entries and the payload bytes."""
-    entries, chunks, offset = [], [], 0
+    entries, chunks = [], []
     for name, tensor in tensors.items():
         raw = tensor.detach().cpu().contiguous().numpy().tobytes()
         chunks.append(byte_shuffle(raw, tensor.element_size()) if shuffle else raw)
-        entries.append({"name": name, "dtype": str(tensor.dtype).removeprefix("torch."), "shape": list(tensor.shape),
-                        "offset": offset, "bytes": len(raw)})
-        offset += len(raw)
+        entries.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape)])
     return entries, b"".join(chunks)
+
 
 def encode_artifact(tensors: dict[str, Tensor], meta: dict[str, Any]) -> bytes:
     entries, payload = artifact_payload(tensors)
-    header = json.dumps({"tensors": entries, "meta": meta}).encode()
-    stream = brotli.compress(len(header).to_bytes(4, "little") + header + payload, quality=11)
+    header = json.dumps({"tensors": entries, "meta": meta}, separators=(",", ":")).encode()
+    stream = brotli.compress(len(header).to_bytes(4, "little") + header + payload, quality=11, lgwin=24)
     return ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream
 
 
@@ -248,25 +250,25 @@ def decode_artifact(blob: bytes, source: str, limit: int) -> tuple[dict[str, Ten
         header_len = int.from_bytes(body[:4], "little")
         header = checked(json.loads(body[4 : 4 + header_len]), dict, "the header")
         payload = memoryview(body)[4 + header_len:]
-        tensors, expected_start = {}, 0
+        tensors, start = {}, 0
         for entry in checked(header.get("tensors"), list, "the tensor list"):
-            entry = checked(entry, dict, "a tensor entry")
-            name = checked(entry.get("name"), str, "a tensor name")
-            dtype = ARTIFACT_DTYPES[checked(entry.get("dtype"), str, f"{name}'s dtype")]
-            start, size = checked(entry.get("offset"), int, f"{name}'s offset"), checked(entry.get("bytes"), int, f"{name}'s size")
-            shape = [checked(n, int, f"{name}'s shape") for n in checked(entry.get("shape"), list, f"{name}'s shape")]
+            if not isinstance(entry, list) or len(entry) != 3:
+                raise ValueError(f"a tensor entry is {entry!r}, expected [name, dtype, shape]")
+            name = checked(entry[0], str, "a tensor name")
+            dtype = ARTIFACT_DTYPES[checked(entry[1], str, f"{name}'s dtype")]
+            shape = [checked(n, int, f"{name}'s shape") for n in checked(entry[2], list, f"{name}'s shape")]
             width = torch.empty((), dtype=dtype).element_size()
-            if (start != expected_start or min(shape, default=0) < 0 or start + size > len(payload)
-                    or size != math.prod(shape) * width):
-                raise ValueError(f"tensor {name} lies outside the payload or has the wrong size")
-            expected_start = start + size
+            size = math.prod(shape) * width
+            if min(shape, default=0) < 0 or start + size > len(payload):
+                raise ValueError(f"tensor {name} lies outside the payload or has a negative size")
             raw = bytearray(byte_unshuffle(bytes(payload[start : start + size]), width))
+            start += size
             tensor = torch.frombuffer(raw, dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise ValueError(f"tensor {name} holds NaN or infinite values")
             tensors[name] = tensor
-        if expected_start != len(payload):
-            raise ValueError(f"{len(payload) - expected_start} payload bytes belong to no tensor")
+        if start != len(payload):
+            raise ValueError(f"{len(payload) - start} payload bytes belong to no tensor")
         return tensors, checked(header.get("meta"), dict, "the metadata")
     except brotli.error:
         raise InputError(f"{source}: truncated or corrupt (brotli stream does not decode)") from None

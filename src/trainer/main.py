@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ from trainer.evaluation import EvalData, EvalResult, build_token_bytes, evaluate
 from trainer.files import bundled_file, file_sha256
 from trainer.shards import read_shard, recorded_tokenizer
 from trainer.model import GPT, ModelConfig, enable_flash_attention_3
-from trainer.runtime import Runtime, Terminated, open_run_files, start_runtime, stop_on_sigterm
+from trainer.runtime import Runtime, Terminated, open_run_files, start_runtime, stop_on_signals
 from trainer.settings import (SMOKE_EXPECTED_BPB, SMOKE_SETTINGS, Hyperparameters, InputError, RunError, changed_settings,
                               describe_settings, misspelled_settings, with_smoke_when_no_data)
 from trainer.training import TrainingTime, train
@@ -175,15 +176,15 @@ def run(hp: Hyperparameters, runtime: Runtime) -> int:
 
 def run_cli(argv: list[str]) -> int:
     """Entry point: bad input ends the run with one clear line (exit 2), a failed run with
-    one line (exit 1), Ctrl-C or SIGTERM with where it stopped (exit 130 or 143); all of
-    them in the log too once the log exists."""
+    one line (exit 1), Ctrl-C, SIGTERM or SIGHUP with where it stopped (exit 130, 143 or
+    129); all of them in the log too once the log exists."""
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE, describe_settings(), sep="\n")
         return 0
     if argv:
         print(f"error: unknown argument {argv[0]!r}: settings are environment variables (see --help)", file=sys.stderr)
         return 2
-    stop_on_sigterm()
+    stop_on_signals()
     runtime = None
     try:
         environ = with_smoke_when_no_data(dict(os.environ))
@@ -200,8 +201,9 @@ def run_cli(argv: list[str]) -> int:
         status, message = 1, f"error: {error}"
     except KeyboardInterrupt:
         status, message = 130, f"interrupted {runtime.stage if runtime else 'at start-up'}"
-    except Terminated:
-        status, message = 143, f"terminated (SIGTERM) {runtime.stage if runtime else 'at start-up'}"
+    except Terminated as stopped:
+        name = signal.Signals(stopped.signum).name
+        status, message = 128 + stopped.signum, f"terminated ({name}) {runtime.stage if runtime else 'at start-up'}"
     except Exception as error:
         if runtime is not None:
             runtime.fail(f"error: unexpected {type(error).__name__}: {error} (traceback on the console)")

@@ -162,14 +162,20 @@ class Runtime:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (torchrun and cluster schedulers stop a job with it)."""
+    """SIGTERM or SIGHUP arrived (torchrun and cluster schedulers stop a job with SIGTERM; a
+    closed terminal sends SIGHUP)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
 
 
-def stop_on_sigterm() -> None:
-    """Turn SIGTERM into an exception, so the run ends with one line, like Ctrl-C does."""
+def stop_on_signals() -> None:
+    """Turn SIGTERM and SIGHUP into an exception, so the run ends with one line, as Ctrl-C does."""
     def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-    signal.signal(signal.SIGTERM, handler)
+        raise Terminated(signum)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, handler)
 
 
 def check_torch_version(version: str) -> None:
