@@ -10,11 +10,13 @@ import resource
 import zlib
 
 import brotli
+import numpy as np
 import pytest
 import torch
 
 from trainer.artifact import (ARTIFACT_MAGIC, HEAD_INPUT, ArtifactReport, ClipRule, artifact_target, bank_matrix_names,
-                              body_limit, byte_shuffle, collect_hessians, decode_artifact, dequantize_rows, encode_artifact,
+                              body_limit, byte_shuffle, collect_hessians, decode_artifact, decode_pairs, dequantize_rows,
+                              encode_artifact, encode_pairs, storage_of,
                               export_artifact, file_signature, gptq_quantize, hessian_error, load_quantized_model,
                               quantize_rows_int6, quantize_rows_int8, quantize_state, read_artifact, rebank, round_to_grid,
                               row_scales, sdclip_scales, unbank)
@@ -414,3 +416,36 @@ def test_a_failed_artifact_write_is_one_line_and_leaves_nothing(tmp_path, calibr
     with pytest.raises(RunError, match=r"m.ptz: cannot write \(No space left on device\); nothing was written"):
         export_artifact(hp, model, Runtime(), tmp_path / "m.ptz")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("values", [
+    [0, 1, -7, 7, 3], [8, -8, 0, 127, -127, 5], list(range(-31, 32)), [], [4], [-128, 127, 0, 0],
+], ids=["near_odd", "escapes", "whole_int6_grid", "empty", "one", "int8_extremes"])
+def test_value_pairs_round_trip_exactly(values):
+    array = np.array(values, dtype=np.int8)
+    encoded = encode_pairs(array)
+    decoded, used = decode_pairs(memoryview(encoded + b"trailing"), len(values))
+    assert used == len(encoded) and decoded.dtype == np.int8 and decoded.tolist() == values
+
+
+def test_sdclip_grids_are_stored_in_pairs_and_wide_grids_as_bytes():
+    generator = torch.Generator().manual_seed(0)
+    narrow = torch.clamp(torch.round(torch.randn(512, 256, generator=generator) * 31 / 12.85), -31, 31).to(torch.int8)
+    wide = torch.randint(-31, 32, (512, 256), generator=generator, dtype=torch.int8)
+    assert storage_of(narrow) == "int8pairs" and storage_of(wide) == "int8" and storage_of(narrow[:256]) == "int8"
+    assert storage_of(torch.zeros(3).half()) == "float16"
+    blob = encode_artifact({"narrow": narrow, "wide": wide, "scale": torch.rand(64).half()}, {})
+    tensors, _ = decode_artifact(blob, "m.ptz", 10**7)
+    assert torch.equal(tensors["narrow"], narrow) and torch.equal(tensors["wide"], wide)
+    plain = len(brotli.compress(narrow.numpy().tobytes(), quality=11))
+    assert len(brotli.compress(encode_pairs(narrow.numpy()), quality=11)) < plain  # the point of pairs
+
+
+@pytest.mark.parametrize("chunk, message", [(bytes([226, 0]), "a pair code beyond the escape code"),
+                                           (bytes([225, 3]), "the escaped pairs run past the payload"),
+                                           (bytes([1]), "paired values lie outside the payload")],
+                         ids=["bad_code", "short_side_stream", "short_codes"])
+def test_crafted_pairs_are_refused(chunk, message):
+    blob = forged_blob([["x", "int8pairs", [4]]], chunk)
+    with pytest.raises(InputError, match=message):
+        decode_artifact(blob, "forged.ptz", 10**6)
