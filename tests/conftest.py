@@ -85,6 +85,21 @@ def quick_corpus(tmp_path_factory, smoke_corpus) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def quick_corpus_8192(tmp_path_factory) -> Path:
+    """The smoke corpus with the SP8192 tokenizer (PROFILE=pr1493's), its validation cut to
+    4,097 tokens."""
+    import sentencepiece
+
+    full = tmp_path_factory.mktemp("smoke_corpus_8192")
+    build_smoke_corpus(full, sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER_8192)), TOKENIZER_8192)
+    folder = tmp_path_factory.mktemp("quick_corpus_8192")
+    for name in ("fineweb_train_000000.bin", MANIFEST):
+        (folder / name).symlink_to(full / name)
+    write_shard(folder / "fineweb_val_000000.bin", read_shard(full / "fineweb_val_000000.bin")[:4097])
+    return folder
+
+
 def run_in_process(folder: Path, settings: dict[str, str], monkeypatch: pytest.MonkeyPatch,
                    argv: list[str] | None = None) -> int:
     """run_cli in `folder` with exactly these settings in the environment (no leftovers)."""

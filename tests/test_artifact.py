@@ -273,7 +273,7 @@ def test_block_matrices_go_through_gptq_and_small_tensors_stay_fp16():
 
 
 def test_quantised_model_loads_into_a_fresh_model_and_checks_its_config(tmp_path):
-    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5")
+    hp = tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="1.5")
     model = tiny_model(hp)
     hessians = identity_hessians(hp)
     with torch.no_grad():
@@ -283,11 +283,11 @@ def test_quantised_model_loads_into_a_fresh_model_and_checks_its_config(tmp_path
     fresh = load_quantized_model(model.config, blob, "m.ptz", Runtime())
     for name, original in model.state_dict().items():
         assert torch.allclose(fresh.state_dict()[name], original, atol=0.02), name
-    other = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+    other = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="1.5",
                                                        NEGATIVE_SLOPE="0.3"))
     with pytest.raises(InputError, match="m.ptz: made with a model whose negative_slope is 0.5, but these settings give 0.3"):
         load_quantized_model(other, blob, "m.ptz", Runtime())
-    reseeded = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="5",
+    reseeded = ModelConfig.from_settings(tiny_hp(MODEL_DIM="128", NUM_HEADS="2", NUM_KV_HEADS="2", MLP_MULT="1.5",
                                                           QK_GAIN_INIT="1.5"))
     load_quantized_model(reseeded, blob, "m.ptz", Runtime())  # an init setting does not matter
 

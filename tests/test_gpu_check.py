@@ -67,8 +67,8 @@ def test_a_record_script_that_times_out_leaves_no_process_behind(tmp_path):
     script.write_text("import subprocess, sys, time\n"
                       f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
                       f"open({str(marker)!r}, 'w').write(str(child.pid))\ntime.sleep(600)\n")
-    numbers = gpu_check.run_record(script, Hyperparameters.from_env({"SMOKE": "1"}), Runtime(), tmp_path, timeout=15)
-    assert numbers["failed"].startswith("timed out after 15s")
+    numbers = gpu_check.run_record(script, Hyperparameters.from_env({"SMOKE": "1"}), Runtime(), tmp_path, timeout=8)
+    assert numbers["failed"].startswith("timed out after 8s")
     grandchild = int(marker.read_text())
     time.sleep(0.5)
     assert not os.path.exists(f"/proc/{grandchild}") or "zombie" in open(f"/proc/{grandchild}/status").read().lower()

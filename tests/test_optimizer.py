@@ -206,3 +206,14 @@ def test_token_tables_and_controls_decay_by_their_own_settings():
     after = dict(model.named_parameters())
     assert torch.allclose(after["tok_emb.weight"], before["tok_emb.weight"] * (1 - 0.1 * 0.5))
     assert torch.allclose(after["skip_weights"], before["skip_weights"] * (1 - 0.2 * 0.25))
+
+
+def test_the_optimiser_settings_reach_the_optimisers():
+    """Each setting arrives where it acts (mutation testing found these unchecked)."""
+    hp = tiny_hp(MUON_EQ_R="0", MUON_BACKEND_STEPS="3", BETA1="0.8", BETA2="0.9", ADAM_EPS="1e-7")
+    optimizers = build_optimizers(hp, tiny_model(hp), Runtime())
+    muon = optimizers.muon.param_groups[0]
+    assert (muon["row_normalize"], muon["backend_steps"]) == (False, 3)
+    assert all(group["betas"] == (0.8, 0.9) and group["eps"] == 1e-7 for group in optimizers.adam.param_groups)
+    assert optimizers.muon.ns_dtype == torch.bfloat16  # Newton-Schulz in bfloat16, as both records run it
+    assert build_optimizers(tiny_hp(), tiny_model(tiny_hp()), Runtime()).muon.param_groups[0]["row_normalize"] is True

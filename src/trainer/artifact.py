@@ -384,36 +384,36 @@ def rebank(matrices: dict[str, Tensor], num_layers: int) -> dict[str, Tensor]:
 HEAD_INPUT = "head"  # the Hessian of the tied head's input: the token table's, for its GPTQ
 
 
-@torch.no_grad()
 def collect_hessians(hp: Hyperparameters, model: GPT, runtime: Runtime) -> dict[str, Tensor]:
     """H = mean of X^T X for every linear input (a looped layer's passes added up), over
     GPTQ_CALIB_SAMPLES training micro-batches per rank, averaged over ranks; with
     EMBED_CLIP_SIGMAS also the head's input, for the tied token table."""
-    sampler = make_sampler(hp, runtime)
-    records = model.capture_inputs(True)
-    was_training = model.training
-    model.eval()
-    hessians: dict[str, Tensor] = {}
-    batches = 0
-    while batches < hp.gptq_calib_samples:
-        for inputs, _ in sampler.next_step(runtime)[: hp.gptq_calib_samples - batches]:
-            with runtime.autocast():
-                hidden = model.forward_hidden(inputs)
-            captured = {f"blocks.{layer}.{key}": passes for layer, (attn_inputs, mlp_inputs) in enumerate(records)
-                        for key, passes in {**attn_inputs, **mlp_inputs}.items()}
-            if hp.embed_clip_sigmas:
-                captured[HEAD_INPUT] = [hidden]
-            for name, passes in captured.items():
-                for x in passes:
-                    x = x.float().flatten(0, -2)
-                    hessians[name] = hessians.get(name, 0) + x.T @ x / x.size(0)
-            for attn_inputs, mlp_inputs in records:
-                attn_inputs.clear()
-                mlp_inputs.clear()
-            batches += 1
-    model.capture_inputs(False)
-    model.train(was_training)
-    return {name: runtime.all_reduce_(hessian) / (batches * runtime.world_size) for name, hessian in hessians.items()}
+    with torch.no_grad():
+        sampler = make_sampler(hp, runtime)
+        records = model.capture_inputs(True)
+        was_training = model.training
+        model.eval()
+        hessians: dict[str, Tensor] = {}
+        batches = 0
+        while batches < hp.gptq_calib_samples:
+            for inputs, _ in sampler.next_step(runtime)[: hp.gptq_calib_samples - batches]:
+                with runtime.autocast():
+                    hidden = model.forward_hidden(inputs)
+                captured = {f"blocks.{layer}.{key}": passes for layer, (attn_inputs, mlp_inputs) in enumerate(records)
+                            for key, passes in {**attn_inputs, **mlp_inputs}.items()}
+                if hp.embed_clip_sigmas:
+                    captured[HEAD_INPUT] = [hidden]
+                for name, passes in captured.items():
+                    for x in passes:
+                        x = x.float().flatten(0, -2)
+                        hessians[name] = hessians.get(name, 0) + x.T @ x / x.size(0)
+                for attn_inputs, mlp_inputs in records:
+                    attn_inputs.clear()
+                    mlp_inputs.clear()
+                batches += 1
+        model.capture_inputs(False)
+        model.train(was_training)
+        return {name: runtime.all_reduce_(hessian) / (batches * runtime.world_size) for name, hessian in hessians.items()}
 
 
 def gptq_jobs(hp: Hyperparameters, matrices: dict[str, Tensor]) -> list[tuple[str, str, int, ClipRule, str]]:

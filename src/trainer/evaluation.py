@@ -178,28 +178,28 @@ def padded_rows(val_tokens: Tensor, starts: list[int], ends: list[int], rows: in
     return batch[0], batch[1]
 
 
-@torch.no_grad()
 def evaluate_standard(model: GPT, val_tokens: Tensor, seq_len: int, batch_tokens: int, token_bytes: TokenBytes,
                       runtime: Runtime, token_nll: Callable | None = None) -> EvalResult:
     """Non-overlapping sequences of seq_len, each position scored with what precedes it in
     its sequence. token_nll: the model's token_nll, compiled where the caller compiled it."""
-    was_training = model.training
-    model.eval()
-    token_nll = token_nll or model.token_nll
-    score = ScoreSum(runtime, token_bytes)
-    starts = rank_share(list(range(0, val_tokens.numel() - seq_len, seq_len)), runtime)
-    per_batch = max(1, batch_tokens // (seq_len * runtime.world_size * runtime.accum_steps))  # as the record splits it
-    for first in range(0, len(starts), per_batch):
-        chunk = starts[first : first + per_batch]
-        rows = per_batch if runtime.compile_enabled else len(chunk)
-        inputs, targets = padded_rows(val_tokens, chunk, [s + seq_len for s in chunk], rows, seq_len, runtime)
-        with runtime.autocast():
-            nll = token_nll(inputs, targets)
-        scored = (torch.arange(rows, device=runtime.device) < len(chunk))[:, None].expand_as(nll)
-        batch = ScoredBatch(nll, None, scored, inputs, targets, len(chunk) * seq_len)
-        score.add(batch, batch.nll)
-    model.train(was_training)
-    return score.result()
+    with torch.no_grad():
+        was_training = model.training
+        model.eval()
+        token_nll = token_nll or model.token_nll
+        score = ScoreSum(runtime, token_bytes)
+        starts = rank_share(list(range(0, val_tokens.numel() - seq_len, seq_len)), runtime)
+        per_batch = max(1, batch_tokens // (seq_len * runtime.world_size * runtime.accum_steps))  # as the record splits it
+        for first in range(0, len(starts), per_batch):
+            chunk = starts[first : first + per_batch]
+            rows = per_batch if runtime.compile_enabled else len(chunk)
+            inputs, targets = padded_rows(val_tokens, chunk, [s + seq_len for s in chunk], rows, seq_len, runtime)
+            with runtime.autocast():
+                nll = token_nll(inputs, targets)
+            scored = (torch.arange(rows, device=runtime.device) < len(chunk))[:, None].expand_as(nll)
+            batch = ScoredBatch(nll, None, scored, inputs, targets, len(chunk) * seq_len)
+            score.add(batch, batch.nll)
+        model.train(was_training)
+        return score.result()
 
 
 class Window(NamedTuple):

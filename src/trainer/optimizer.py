@@ -54,23 +54,23 @@ class MuonEqR(torch.optim.Optimizer):
         self.runtime, self.ns_dtype = runtime, ns_dtype
         self.comm_dtype = torch.bfloat16 if runtime.device.type == "cuda" else torch.float32  # halves the traffic on GPUs
 
-    @torch.no_grad()
     def step(self, grad_shards: list[Tensor]) -> None:  # type: ignore[override]
-        in_flight: tuple[nn.Parameter, Tensor, Any, dict] | None = None
-        for group, grad in zip(self.param_groups, grad_shards):
-            bank = group["params"][0]
-            update = self.orthogonal_update(bank, grad, group)
-            if not self.runtime.distributed:
-                self.apply_update(bank, update, group)
-                continue
-            update = update.to(self.comm_dtype)
-            full = update.new_empty((update.size(0) * self.runtime.world_size, *update.shape[1:]))
-            work = self.runtime.all_gather(full, update)
-            if in_flight is not None:  # the previous bank's gather overlapped this bank's Newton-Schulz
+        with torch.no_grad():
+            in_flight: tuple[nn.Parameter, Tensor, Any, dict] | None = None
+            for group, grad in zip(self.param_groups, grad_shards):
+                bank = group["params"][0]
+                update = self.orthogonal_update(bank, grad, group)
+                if not self.runtime.distributed:
+                    self.apply_update(bank, update, group)
+                    continue
+                update = update.to(self.comm_dtype)
+                full = update.new_empty((update.size(0) * self.runtime.world_size, *update.shape[1:]))
+                work = self.runtime.all_gather(full, update)
+                if in_flight is not None:  # the previous bank's gather overlapped this bank's Newton-Schulz
+                    self.apply_gathered(*in_flight)
+                in_flight = (bank, full, work, group)
+            if in_flight is not None:
                 self.apply_gathered(*in_flight)
-            in_flight = (bank, full, work, group)
-        if in_flight is not None:
-            self.apply_gathered(*in_flight)
 
     def orthogonal_update(self, bank: nn.Parameter, grad: Tensor, group: dict) -> Tensor:
         state = self.state[bank]

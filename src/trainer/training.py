@@ -54,14 +54,14 @@ class ExponentialMovingAverage:
         self.shadow = [p.detach().float().clone() for p in self.params]
         self.decay = decay
 
-    @torch.no_grad()
     def update(self) -> None:
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1 - self.decay)
 
-    @torch.no_grad()
     def copy_to_model(self) -> None:
-        for param, average in zip(self.params, self.shadow):
-            param.copy_(average)
+        with torch.no_grad():
+            for param, average in zip(self.params, self.shadow):
+                param.copy_(average)
 
 QAT_RAMP_STEPS, QAT_FINAL_SHARPNESS = 500, 16.0
 
