@@ -18,10 +18,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.artifact import encode_artifact, quantize_state
 from trainer.data import build_smoke_corpus
 from trainer.evaluation import Window, sliding_windows
 from trainer.main import run_cli
 from trainer.model import GPT, ModelConfig
+from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters
 from trainer.shards import MANIFEST, read_shard, write_shard
 
@@ -60,6 +62,23 @@ def noisy_model(hp: Hyperparameters, seed: int = 0) -> GPT:
     return model
 
 
+def identity_hessians(hp: Hyperparameters) -> dict[str, torch.Tensor]:
+    """GPTQ Hessians of every block input as if the inputs were white noise."""
+    return {f"blocks.{i}.{key}": torch.eye(n) for i in range(hp.num_layers)
+            for key, n in (("qkv", hp.model_dim), ("out", hp.model_dim), ("up", hp.model_dim), ("down", int(hp.mlp_mult * hp.model_dim)))}
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    """An artifact of noisy_model(tiny_hp()), quantised as a run would: the tools' input."""
+    hp = tiny_hp()
+    model = noisy_model(hp)
+    tensors, schemes, _ = quantize_state(hp, model.state_dict(), identity_hessians(hp), Runtime())
+    path = tmp_path_factory.mktemp("artifact") / "tiny.int6.ptz"
+    path.write_bytes(encode_artifact(tensors, {"schemes": schemes, "model": model.config.function_fields()}))
+    return path
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     import sentencepiece
@@ -69,7 +88,7 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def smoke_corpus(tmp_path_factory, tokenizer) -> Path:
-    """Real English tokens (the embedded default's corpus) in shards, built once per session."""
+    """Real English tokens (the smoke run's corpus) in shards, built once per session."""
     folder = tmp_path_factory.mktemp("smoke_corpus")
     build_smoke_corpus(folder, tokenizer, TOKENIZER)
     return folder
@@ -88,7 +107,7 @@ def quick_corpus(tmp_path_factory, smoke_corpus) -> Path:
 @pytest.fixture(scope="session")
 def quick_corpus_8192(tmp_path_factory) -> Path:
     """The smoke corpus with the SP8192 tokenizer (PROFILE=pr1493's), its validation cut to
-    4,097 tokens."""
+    2,049 tokens."""
     import sentencepiece
 
     full = tmp_path_factory.mktemp("smoke_corpus_8192")
@@ -96,7 +115,7 @@ def quick_corpus_8192(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("quick_corpus_8192")
     for name in ("fineweb_train_000000.bin", MANIFEST):
         (folder / name).symlink_to(full / name)
-    write_shard(folder / "fineweb_val_000000.bin", read_shard(full / "fineweb_val_000000.bin")[:4097])
+    write_shard(folder / "fineweb_val_000000.bin", read_shard(full / "fineweb_val_000000.bin")[:2049])
     return folder
 
 

@@ -415,6 +415,17 @@ def test_slot_evaluation_reports_progress_after_every_step(byte_table, monkeypat
     assert seen == [(done, 5 * batches) for done in range(1, 5 * batches + 1)]
 
 
+def test_ttt_reports_progress_after_every_pass(byte_table, monkeypatch):
+    """A huge TTT_EPOCHS is seen at once: progress counts each chunk's scoring and each epoch
+    of training on it, not finished chunks."""
+    seen = []
+    monkeypatch.setattr(evaluation_module.Progress, "update", lambda self, done, seconds_left=None: seen.append((done, self.total)))
+    hp = tiny_hp(**{**TTT, "TTT_EPOCHS": "3"})
+    evaluate_ttt(noisy_model(hp), data_of(val_tokens(400), byte_table), hp, Runtime())
+    chunks = -(-399 // 128)
+    assert seen == [(done, chunks + 3 * (chunks - 1)) for done in range(1, chunks + 3 * (chunks - 1) + 1)]
+
+
 def test_a_non_finite_final_score_is_a_failure(byte_table, monkeypatch):
     hp = tiny_hp(SLOT_ENABLED="0", TTT_ENABLED="0")
     nan = EvalResult(math.nan, 1.0, 1.0, 0.0)

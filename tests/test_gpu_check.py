@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -61,14 +62,26 @@ def test_a_record_script_that_fails_is_said_loudly(tmp_path, monkeypatch):
     assert "**The record's script did not run: exit status" in gpu_check.table(report)
 
 
-def test_a_record_script_that_times_out_leaves_no_process_behind(tmp_path):
+def test_a_command_that_times_out_leaves_no_process_behind(tmp_path):
     marker = tmp_path / "grandchild.pid"
     script = tmp_path / "record.py"
     script.write_text("import subprocess, sys, time\n"
-                      f"child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
-                      f"open({str(marker)!r}, 'w').write(str(child.pid))\ntime.sleep(600)\n")
-    numbers = gpu_check.run_record(script, Hyperparameters.from_env({"SMOKE": "1"}), Runtime(), tmp_path, timeout=8)
-    assert numbers["failed"].startswith("timed out after 8s")
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'], start_new_session=True,\n"
+                      "                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+                      f"open({str(marker)!r}, 'w').write(str(child.pid))\nprint('started', flush=True)\ntime.sleep(600)\n")
+    started = time.perf_counter()
+    status, output = gpu_check.run_with_timeout([sys.executable, str(script)], tmp_path, dict(os.environ), timeout=1)
+    assert status is None and output == "started\n" and time.perf_counter() - started < 30
     grandchild = int(marker.read_text())
-    time.sleep(0.5)
-    assert not os.path.exists(f"/proc/{grandchild}") or "zombie" in open(f"/proc/{grandchild}/status").read().lower()
+    time.sleep(0.2)  # SIGKILL is delivered at once; its exit is noted by the kernel shortly after
+    alive = os.path.exists(f"/proc/{grandchild}") and "zombie" not in open(f"/proc/{grandchild}/status").read().lower()
+    if alive:
+        os.kill(grandchild, signal.SIGKILL)  # the test leaves nothing behind either
+    assert not alive
+
+
+def test_a_record_script_that_times_out_is_said_to(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "run_with_timeout", lambda command, cwd, environ, timeout: (None, "step:1/9\n"))
+    numbers = gpu_check.run_record(tmp_path / "record.py", Hyperparameters.from_env({"SMOKE": "1"}), Runtime(), tmp_path, timeout=5)
+    assert numbers["exit_status"] is None and numbers["failed"].startswith("timed out after 5s")
+    assert (tmp_path / "record_output.txt").read_text() == "step:1/9\n"

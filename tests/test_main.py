@@ -3,12 +3,13 @@ and every way a run can end (as unit tests of run_cli, and once through the ship
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -18,20 +19,77 @@ from trainer.evaluation import EvalResult
 from trainer.main import explain_score, log_run_header
 from trainer.runtime import Runtime, Terminated
 from trainer.settings import Hyperparameters, InputError, RunError
-from conftest import QUICK_RUN, ROOT, run_in_process, run_log
+from conftest import QUICK_RUN, ROOT, TOKENIZER_8192, run_in_process, run_log
+
+
+def quick_settings(quick_corpus) -> dict[str, str]:
+    """A quick whole run with SLOT and TTT on, a seed of its own and a misspelt setting."""
+    return {**QUICK_RUN, "DATA_PATH": str(quick_corpus), "SEED": "7", "SLOT_STEP": "4", "TTT_ENABLED": "1",
+            "TTT_CHUNK_TOKENS": "4096"}
+
+
+def shipped_run(folder, settings: dict) -> subprocess.Popen:
+    environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=folder, text=True,
+                            env={**environ, **settings, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# How a run ends, for real: (settings, exit status, the last line on stderr and in the log,
+# whether a log exists). "sigterm" is sent SIGTERM once training has started. The shipped
+# file is tried on SHIPPED_ENDINGS (its own start-up and signal handling), the readable
+# source in process on the rest.
+ENDINGS = {
+    "bad_setting": ({"NUM_HEADS": "5"}, 2, r"error: NUM_HEADS=5 is not allowed: must divide MODEL_DIM=64", False),
+    "device_as_tokenizer": ({"TOKENIZER_PATH": "/dev/null"}, 2,
+                            r"error: TOKENIZER_PATH='/dev/null' is not allowed: not a regular file", True),
+    "data_of_another_tokenizer": ({"TOKENIZER_PATH": str(TOKENIZER_8192), "VOCAB_SIZE": "8192"}, 2,
+                                  r"error: TOKENIZER_PATH='\S+' is not allowed: \S+'s manifest says its shards were made "
+                                  r"with tokenizer sha256 849ea920119b5135, this one is 4e979c92754cc9d7", True),
+    "run_failure": ({"ITERATIONS": "30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30", "GRAD_CLIP_NORM": "0"}, 1,
+                    r"error: training loss is not finite at step \d+; stopping \(lower the LRs or check the data\)", True),
+    "sigterm": ({"ITERATIONS": "100000"}, 143, r"terminated \(SIGTERM\) during training at step \d+", True),
+}
+SHIPPED_ENDINGS = ("bad_setting", "sigterm")
+
+
+def assert_ended(case: str, folder, returncode: int, stderr: str) -> None:
+    _, status, line, logged = ENDINGS[case]
+    assert returncode == status and "Traceback" not in stderr
+    assert re.fullmatch(line, stderr.strip().splitlines()[-1]), stderr[-1000:]
+    logs = list((folder / "logs").glob("*.txt"))
+    assert len(logs) == int(logged) and all(re.fullmatch(line, log.read_text().splitlines()[-1]) for log in logs)
+
+
+@pytest.fixture(scope="module")
+def shipped_endings(tmp_path_factory, quick_corpus) -> dict[str, tuple]:
+    """The shipped file on every case of SHIPPED_ENDINGS, all started at once (each process
+    spends about a second importing torch), "sigterm" signalled after its first training
+    step: {case: (folder, exit status, stderr)}."""
+    started = {}
+    for case in SHIPPED_ENDINGS:
+        folder = tmp_path_factory.mktemp(case)
+        started[case] = folder, shipped_run(folder, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **ENDINGS[case][0]})
+    sigterm = started["sigterm"][1]
+    while not (sigterm.stdout.readline() or "step:1/").startswith("step:1/"):
+        pass
+    sigterm.send_signal(signal.SIGTERM)
+    ended = {}
+    for case, (folder, process) in started.items():
+        stderr = process.communicate(timeout=600)[1]
+        ended[case] = folder, process.returncode, stderr
+    return ended
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory, quick_corpus):
-    """One whole quick run of the readable source, in process: (exit status, log, console)."""
+    """The quick settings' run of the readable source, in process: (exit status, log,
+    console, folder)."""
     folder = tmp_path_factory.mktemp("quick_run")
     with pytest.MonkeyPatch.context() as monkeypatch:
-        import io
-        import contextlib
         console = io.StringIO()
         with contextlib.redirect_stdout(console):
-            status = run_in_process(folder, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), "SEED": "7", "SLOT_STEP": "4"},
-                                    monkeypatch)
+            status = run_in_process(folder, quick_settings(quick_corpus), monkeypatch)
     return status, run_log(folder), console.getvalue(), folder
 
 
@@ -45,8 +103,8 @@ def test_a_quick_run_writes_a_self_describing_log(quick_run):
     assert lines[2] == "profile: pr1217 smoke" and lines[3].startswith("settings_changed: ") and "SEED=7" in lines[3]
     assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in lines[4:6]
     assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)
-    assert re.search(r"^final_score final_int6_sliding_window_slot_exact val_bpb:[\d.]+ slot:window causal:yes accepted:no ",
-                     log, re.MULTILINE)
+    assert re.search(r"^final_int6_sliding_window_slot_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.MULTILINE)
+    assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
     assert f"Code size: {code.shipped_bytes} bytes" in log
     assert f"artifact: {folder / 'final_model.int6.ptz'}" in out and out.splitlines()[-1] == lines[0]
     assert "result:" not in log  # the explanation is for the smoke run as shipped only
@@ -78,47 +136,29 @@ def final_lines(output: str) -> list[str]:
     return [re.sub(r"(eval_time|train_time|step_avg|eval_total_time):[\d.]+ms", "", line) for line in lines]
 
 
-def shipped_run(folder, settings: dict, argv: tuple = (), **popen) -> subprocess.Popen:
-    environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py"), *argv], cwd=folder, text=True,
-                            env={**environ, **settings, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
 @pytest.mark.packed
-def test_the_shipped_file_behaves_like_the_source(tmp_path, quick_corpus, monkeypatch):
-    settings = {**QUICK_RUN, "DATA_PATH": str(quick_corpus), "TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "4096"}
-    (tmp_path / "source").mkdir()
-    assert run_in_process(tmp_path / "source", settings, monkeypatch) == 0
-    (tmp_path / "shipped").mkdir()
-    stdout, stderr = shipped_run(tmp_path / "shipped", settings).communicate(timeout=600)
-    assert final_lines(run_log(tmp_path / "source")) == final_lines(stdout) and len(final_lines(stdout)) > 8, stderr[-2000:]
+def test_the_shipped_file_behaves_like_the_source(tmp_path, quick_corpus, quick_run):
+    status, log, _, _ = quick_run
+    shipped = shipped_run(tmp_path, quick_settings(quick_corpus))
+    stdout, stderr = shipped.communicate(timeout=600)
+    assert status == shipped.returncode == 0, stderr[-2000:]
+    assert final_lines(log) == final_lines(stdout) and len(final_lines(stdout)) > 8
     assert running_code().shipped_sha256[:16] in stdout.splitlines()[1]  # the same shipped hash either way
 
 
 @pytest.mark.packed
-@pytest.mark.parametrize("settings, argv, status, line, logged", [
-    ({"NUM_HEADS": "5"}, (), 2, r"error: NUM_HEADS=5 is not allowed: must divide MODEL_DIM=64", False),
-    ({"TOKENIZER_PATH": "/dev/null"}, (), 2, r"error: TOKENIZER_PATH='/dev/null' is not allowed: not a regular file", True),
-    ({"ITERATIONS": "30", "TIED_EMBED_LR": "1e30", "SCALAR_LR": "1e30", "GRAD_CLIP_NORM": "0"}, (), 1,
-     r"error: training loss is not finite at step \d+; stopping \(lower the LRs or check the data\)", True),
-    ({"ITERATIONS": "100000"}, ("SIGTERM",), 143, r"terminated \(SIGTERM\) during training at step \d+", True),
-], ids=["bad_setting", "device_as_tokenizer", "run_failure", "sigterm"])
-def test_how_the_shipped_file_ends(tmp_path, quick_corpus, settings, argv, status, line, logged):
-    """Exit status 2 for bad input (one line, at start), 1 for a failed run, 128+N for a signal;
-    the line in the log too once the log exists."""
-    process = shipped_run(tmp_path, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **settings},
-                          () if argv == ("SIGTERM",) else argv)
-    if argv == ("SIGTERM",):
-        while "step:" not in (process.stdout.readline() or "step:"):
-            pass
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-    stdout, stderr = process.communicate(timeout=600)
-    assert process.returncode == status and "Traceback" not in stderr
-    assert re.fullmatch(line, stderr.strip().splitlines()[-1]), stderr[-1000:]
-    logs = list((tmp_path / "logs").glob("*.txt"))
-    assert len(logs) == int(logged) and all(re.fullmatch(line, log.read_text().splitlines()[-1]) for log in logs)
+@pytest.mark.parametrize("case", SHIPPED_ENDINGS)
+def test_how_the_shipped_file_ends(shipped_endings, case):
+    """Exit status 2 for bad input (one line, at start), 128+N for a signal; the line in the
+    log too once the log exists."""
+    assert_ended(case, *shipped_endings[case])
+
+
+@pytest.mark.parametrize("case", [case for case in ENDINGS if case not in SHIPPED_ENDINGS])
+def test_how_a_run_ends(tmp_path, quick_corpus, monkeypatch, capsys, case):
+    """Exit status 2 for bad input found once the log exists, 1 for a failed run."""
+    status = run_in_process(tmp_path, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **ENDINGS[case][0]}, monkeypatch)
+    assert_ended(case, tmp_path, status, capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("error, status, line", [
@@ -160,7 +200,7 @@ def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeyp
     """PROFILE=pr1493 SMOKE=1 end to end at a few steps: the SP8192 smoke corpus (its
     validation text cut short), loops switched on during training, parallel residuals,
     SDClip GPTQ incl. the token table, score-first TTT counted."""
-    settings = {"PROFILE": "pr1493", "SMOKE": "1", "ITERATIONS": "6", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "1024",
+    settings = {"PROFILE": "pr1493", "SMOKE": "1", "ITERATIONS": "4", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "1024",
                 "DATA_PATH": str(quick_corpus_8192),
                 "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "64", "ROPE_TRAIN_SEQ_LEN": "64",
                 "GPTQ_CALIB_SAMPLES": "1", "MODEL_DIM": "64", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
@@ -168,7 +208,7 @@ def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeyp
     assert run_in_process(tmp_path, settings, monkeypatch) == 0
     log = run_log(tmp_path)
     assert "profile: pr1493 smoke" in log and "loop_warmup_step:2/2" in log
-    assert "layer_loop:enabled step:3 frac:0.500 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
+    assert "layer_loop:enabled step:2 frac:0.500 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
     assert re.search(r"^gptq_quantize: 25 GPTQ matrices, 0 rounded per row", log, re.MULTILINE)  # 4 layers x 6 + the table
     assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
     assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)

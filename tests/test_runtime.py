@@ -30,12 +30,6 @@ def test_requirements_state_the_same_torch_floor():
     assert "torch>=2.5" in (ROOT / "requirements.txt").read_text()
 
 
-def test_world_size_must_divide_eight(monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "3")
-    with pytest.raises(InputError, match=r"WORLD_SIZE=3 is not allowed: must divide 8"):
-        start_runtime(tiny_hp(GRAD_ACCUM_STEPS="0"))
-
-
 def test_a_run_id_is_never_reused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     hp = tiny_hp(RUN_ID="mine", ARTIFACT_PATH=str(tmp_path / "a.ptz"))
@@ -53,15 +47,24 @@ def test_an_unwritable_artifact_folder_fails_at_start(tmp_path, monkeypatch):
     assert not list((tmp_path / "file").parent.glob(".*probe"))
 
 
+RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+
+
+def test_world_size_must_divide_eight():
+    with pytest.raises(InputError, match=r"WORLD_SIZE=3 is not allowed: must divide 8"):
+        start_runtime(tiny_hp(GRAD_ACCUM_STEPS="0"), {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", **RENDEZVOUS})
 
 
 @pytest.mark.parametrize("environ, message", [
     ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not allowed: expected an integer"),
     ({"WORLD_SIZE": "1", "RANK": "1"}, "RANK=1 is not allowed: must lie in 0..WORLD_SIZE-1=0"),
-    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1 is not allowed: must lie in 0..WORLD_SIZE-1=1"),
+    ({"WORLD_SIZE": "2", "RANK": "-1", "LOCAL_RANK": "0", **RENDEZVOUS}, "RANK=-1 is not allowed: must lie in 0..WORLD_SIZE-1=1"),
     ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 is not allowed: must be at least 1"),
     ({"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not allowed: expected an integer"),
-    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "1"}, "LOCAL_RANK=1 is not allowed: must lie in 0..RANK=0"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "1", **RENDEZVOUS}, "LOCAL_RANK=1 is not allowed: must lie in 0..RANK=0"),
+    ({"WORLD_SIZE": "2", "RANK": "0"}, "WORLD_SIZE=2 is not allowed without LOCAL_RANK, MASTER_ADDR, MASTER_PORT: "
+                                       "start several processes with torchrun, which sets them"),
+    ({"WORLD_SIZE": "2", "LOCAL_RANK": "0", **RENDEZVOUS}, "WORLD_SIZE=2 is not allowed without RANK"),
 ])
 def test_a_malformed_or_inconsistent_launch_is_one_line_at_start(environ, message):
     with pytest.raises(InputError, match=re.escape(message)):
@@ -72,7 +75,7 @@ def test_a_malformed_or_inconsistent_launch_is_one_line_at_start(environ, messag
 
 def test_torchrun_ranks_are_read():
     assert launch_ranks({}) == (1, 0, 0)
-    assert launch_ranks({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "5"}) == (8, 5, 5)
+    assert launch_ranks({"WORLD_SIZE": "8", "RANK": "5", "LOCAL_RANK": "5", **RENDEZVOUS}) == (8, 5, 5)
 
 
 def test_logs_being_a_file_is_said_as_such(tmp_path, monkeypatch):

@@ -1,12 +1,12 @@
-"""Make data/smoke/pydoc_text.json.xz, the text of the embedded default's corpus.
+"""Make data/smoke/pydoc_text.json.xz, the text of the smoke run's corpus.
 
     python tools/build_smoke_text.py            # rewrite it from the running Python
 
-The embedded default (`SMOKE=1`, or `python train_gpt.py` without FineWeb) trains on
+The smoke run (`SMOKE=1`, or `python train_gpt.py` without FineWeb) trains on
 English that ships with CPython: the language reference's pydoc topic pages
 (validation: their last tenth) and the long docstrings of the standard library
 (training, with the other pages). The text is vendored, not read from the running
-Python, because every Python version carries slightly different text and the demo
+Python, because every Python version carries slightly different text and the smoke run
 must give the same tokens, hence the same score, on every machine. The committed file
 was made with CPython 3.11.7 (text (c) Python Software Foundation, PSF License v2).
 """

@@ -246,6 +246,23 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def run_with_timeout(command: list[str], cwd: Path, environ: dict, timeout: float) -> tuple[int | None, str]:
+    """(exit status, output) of `command`; past `timeout` it is killed with every process
+    below it (torchrun starts its workers in sessions of their own), and the status is None."""
+    process = subprocess.Popen(command, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return process.returncode, output
+    except subprocess.TimeoutExpired:
+        for pid in [process.pid, *descendants(process.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        output, _ = process.communicate()
+        return None, output
+
+
 def run_record(script: Path, hp: Hyperparameters, runtime: Runtime, out: Path, timeout: int) -> dict:
     """The record's script with the same data, steps and caps, in a temporary folder of its
     own (its ~108 MB model file goes with it); its own log lines parsed. "failed" says why
@@ -259,20 +276,13 @@ def run_record(script: Path, hp: Hyperparameters, runtime: Runtime, out: Path, t
                "PYTHONPATH": os.pathsep.join(filter(None, [str(work), os.environ.get("PYTHONPATH")]))}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={runtime.world_size}", str(script.resolve())]
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=work, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        output, _ = process.communicate(timeout=timeout)
-        numbers: dict = {"exit_status": process.returncode}
-    except subprocess.TimeoutExpired:
-        for pid in [process.pid, *descendants(process.pid)]:  # torchrun starts its workers in sessions of their own
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        output, _ = process.communicate()
-        numbers = {"exit_status": None, "failed": f"timed out after {timeout}s (stopped with its workers)"}
+        exit_status, output = run_with_timeout(command, work, environ, timeout)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    numbers: dict = {"exit_status": exit_status}
+    if exit_status is None:
+        numbers["failed"] = f"timed out after {timeout}s (stopped with its workers)"
     (out / "record_output.txt").write_text(output or "")
     numbers["wall_seconds"] = time.perf_counter() - started
     patterns = {"ms_per_step": rf"step:{hp.iterations}/\d+ val_loss:\S+ val_bpb:\S+ train_time:\S+ step_avg:([\d.]+)ms",

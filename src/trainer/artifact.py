@@ -178,7 +178,7 @@ def gptq_columns(weight: Tensor, upper: Tensor, scale: Tensor, clip_range: int, 
 # values mostly in [-7, 7] (SDClip's int6 grids) coded two to a byte, as 15 x 15 = 225
 # codes plus an escape code 225 whose two values follow in a side stream. Brotli codes a
 # byte in a whole number of bits; a pair spreads that rounding over two values, which saves
-# about 0.8% of the int6 bytes (measured: ~120 KB on the PR #1493 shapes). Loading never
+# about 0.8% of the int6 bytes (measured: ~93 KB on the PR #1493 shapes). Loading never
 # runs code.
 ARTIFACT_MAGIC = b"PGOLF2\n"
 ARTIFACT_DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32, "int8pairs": torch.int8}
@@ -303,6 +303,9 @@ def decode_artifact(blob: bytes, source: str, limit: int) -> tuple[dict[str, Ten
         raise InputError(f"{source}: truncated or corrupt (checksum mismatch)")
     try:
         body = bounded_decompress(stream, limit, source)
+    except brotli.error:
+        raise InputError(f"{source}: truncated or corrupt (brotli stream does not decode)") from None
+    try:
         header_len = int.from_bytes(body[:4], "little")
         header = checked(json.loads(body[4 : 4 + header_len]), dict, "the header")
         payload = memoryview(body)[4 + header_len:]
@@ -334,8 +337,6 @@ def decode_artifact(blob: bytes, source: str, limit: int) -> tuple[dict[str, Ten
         if start != len(payload):
             raise ValueError(f"{len(payload) - start} payload bytes belong to no tensor")
         return tensors, checked(header.get("meta"), dict, "the metadata")
-    except brotli.error:
-        raise InputError(f"{source}: truncated or corrupt (brotli stream does not decode)") from None
     except (ValueError, KeyError) as error:
         raise InputError(f"{source}: corrupt ({error})") from None
 

@@ -378,21 +378,28 @@ def ttt_scores(model: GPT, val_tokens: Tensor, hp: Hyperparameters, runtime: Run
                 f"ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs} freeze_blocks={hp.ttt_freeze_blocks} "
                 f"unfrozen={sum(p.numel() for p in params)} frozen={sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)}")
     hidden_fn, train_forward = runtime.compile(model.forward_hidden), runtime.compile(model)
+    passes = 0
+
+    def one_more_pass() -> None:
+        nonlocal passes
+        passes += 1
+        if progress is not None:
+            progress.update(passes)
+
     for index, windows in enumerate(chunks):
         model.eval()
         yield from sliding_scores(model, val_tokens, rank_share(windows, runtime), hp, runtime, False, hidden_fn)
+        one_more_pass()
         if index < len(chunks) - 1:
             chunk_end = min((index + 1) * hp.ttt_chunk_tokens, num_ordinals)
             lr = hp.ttt_lr * 0.5 * (1 + math.cos(math.pi * index / max(len(chunks) - 1, 1)))
             train_on_chunk(model, train_forward, params, optimizer, val_tokens, index * hp.ttt_chunk_tokens,
-                           chunk_end, lr, hp, runtime)
-        if progress is not None:
-            progress.update(index + 1)
+                           chunk_end, lr, hp, runtime, one_more_pass)
 
 
 def train_on_chunk(model: GPT, train_forward: Callable, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
                    val_tokens: Tensor, chunk_start: int, chunk_end: int, lr: float, hp: Hyperparameters,
-                   runtime: Runtime) -> None:
+                   runtime: Runtime, after_epoch: Callable[[], None]) -> None:
     """TTT_EPOCHS of SGD on the chunk's whole sequences (targets stay inside the chunk).
 
     Batches are the same whatever the world size; each rank takes its share of every
@@ -417,12 +424,14 @@ def train_on_chunk(model: GPT, train_forward: Callable, params: list[nn.Paramete
             runtime.mean_([param.grad for param in params])
             torch.nn.utils.clip_grad_norm_(params, hp.ttt_grad_clip)
             optimizer.step()
+        after_epoch()
 
 
 def evaluate_ttt(model: GPT, data: EvalData, hp: Hyperparameters, runtime: Runtime,
                  clock: EvaluationClock | None = None) -> EvalResult:
     score = ScoreSum(runtime, data.token_bytes)
-    progress = Progress(runtime, "TTT chunks", -(-(data.val_tokens.numel() - 1) // hp.ttt_chunk_tokens),
+    chunks = -(-(data.val_tokens.numel() - 1) // hp.ttt_chunk_tokens)
+    progress = Progress(runtime, "TTT passes (scoring a chunk, or an epoch on it)", chunks + (chunks - 1) * hp.ttt_epochs,
                         watch=clock.watch if clock else None)
     for batch in ttt_scores(model, data.val_tokens, hp, runtime, progress):
         score.add(batch, batch.nll)

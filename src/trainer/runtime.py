@@ -196,6 +196,10 @@ def launch_ranks(environ: dict[str, str]) -> tuple[int, int, int]:
     world_size, rank, local_rank = values["WORLD_SIZE"], values["RANK"], values["LOCAL_RANK"]
     if world_size < 1:
         raise InputError(f"WORLD_SIZE={world_size} is not allowed: must be at least 1")
+    missing = [name for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if world_size > 1 and name not in environ]
+    if missing:
+        raise InputError(f"WORLD_SIZE={world_size} is not allowed without {', '.join(missing)}: start several "
+                         "processes with torchrun, which sets them")
     if not 0 <= rank < world_size:
         raise InputError(f"RANK={rank} is not allowed: must lie in 0..WORLD_SIZE-1={world_size - 1}")
     if not 0 <= local_rank <= rank:

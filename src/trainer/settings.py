@@ -72,7 +72,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         ttt_enabled=True, ttt_lr=0.005, ttt_freeze_blocks=0),
 }
 
-# The smoke run: each profile shrunk to a model that trains in about two minutes on two
+# The smoke run: each profile shrunk to a model that trains in two or three minutes on two
 # CPU cores, on the vendored text of data/smoke/. Bounded by steps, so a seed gives the
 # same score on any machine of the same kind; the hour's safety cap only stops a machine
 # that is far too slow, and says so.
@@ -88,9 +88,10 @@ SMOKE_SETTINGS: dict[str, dict[str, Any]] = {
                    late_qat_min_step=100, slot_steps=4),
     "pr1493": dict(SMOKE_SHAPES, data_path="./data/datasets/smoke_pydoc_sp8192",
                    tokenizer_path="./data/tokenizers/fineweb_8192_bpe_vendored.model", num_layers=6, xsa_last_n=6,
-                   loop_start=2, loop_end=3, parallel_residual_start=4, rope_train_seq_len=256),
+                   loop_start=2, loop_end=3, parallel_residual_start=4, rope_train_seq_len=256,
+                   train_batch_tokens=4096),  # its 8192-piece head costs as much as the blocks
 }
-SMOKE_EXPECTED_BPB = {"pr1217": 1.82, "pr1493": 0.0}  # each smoke run's final score for SEED=1337 (README)
+SMOKE_EXPECTED_BPB = {"pr1217": 1.82, "pr1493": 1.83}  # each smoke run's final score for SEED=1337 (README)
 
 
 @dataclass

@@ -1,0 +1,44 @@
+"""tools/compression_report.py: an artifact's tensors under each serialisation, the
+trainer's own setting reproducing the artifact's body; a crafted file refused within the
+model's bound."""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import brotli
+import pytest
+
+from tools import compression_report
+from trainer.artifact import ARTIFACT_MAGIC
+from conftest import TINY
+
+
+@pytest.fixture(autouse=True)
+def settings(monkeypatch):
+    for name, value in TINY.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_one_line_per_setting_and_the_trainers_is_the_artifacts_own(tiny_artifact, capsys):
+    assert compression_report.main([str(tiny_artifact)]) == 0
+    first, header, *rows = capsys.readouterr().out.strip().splitlines()
+    written, raw = map(int, re.fullmatch(r"\S+: (\d+) bytes as written; raw tensors (\d+) bytes", first).groups())
+    assert written == tiny_artifact.stat().st_size and header.split() == ["setting", "laid", "out", "raw", "seconds"]
+    sizes = {name.strip(): (int(laid_out), int(plain)) for name, laid_out, plain, _ in
+             (re.fullmatch(r"(.+?)\s+(\d+)\s+(\d+)\s+([\d.]+)", row).groups() for row in rows)}
+    assert list(sizes) == [name for name, _ in compression_report.SETTINGS]
+    # the artifact is magic + CRC + brotli(header length, JSON header, payload): the
+    # trainer's setting on the payload alone comes to a little less than that
+    payload_bytes = sizes["brotli q11 lgwin=24 (the trainer's)"][0]
+    assert written - len(ARTIFACT_MAGIC) - 4 - 2048 < payload_bytes < written - len(ARTIFACT_MAGIC) - 4
+    assert raw > max(size for pair in sizes.values() for size in pair)
+
+
+def test_a_crafted_file_is_refused_within_the_models_bound(tmp_path, capsys):
+    bomb = tmp_path / "bomb.ptz"
+    stream = brotli.compress(bytes(1 << 28), quality=1)
+    bomb.write_bytes(ARTIFACT_MAGIC + zlib.crc32(stream).to_bytes(4, "little") + stream)
+    assert compression_report.main([str(bomb)]) == 2
+    assert re.fullmatch(r"error: \S+bomb\.ptz: decompresses to more than \d+ bytes.*", capsys.readouterr().err.strip())
