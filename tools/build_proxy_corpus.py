@@ -64,7 +64,7 @@ from tools.export_text import DEFAULT_TOKENIZER, ShardWriter, check_new_dataset_
 from tools import ROOT
 from trainer.files import file_sha256, write_atomic
 from trainer.settings import InputError
-from trainer.shards import BOS_ID, read_shard
+from trainer.shards import BOS_ID, MANIFEST, read_shard
 
 
 @dataclass(frozen=True)
@@ -281,7 +281,7 @@ def tokenize(text_file: Path, tokenizer: Path, out_dir: Path, workers: int, shar
         out_dir.mkdir(parents=True, exist_ok=True)
         write_shards(ordered, tokenizer, writers, workers)
         manifest = shards_manifest(text_file, tokenizer, out_dir, writers, started)
-        write_atomic(out_dir / "manifest.json", json.dumps(manifest, indent=2).encode(), overwrite=False)
+        write_atomic(out_dir / MANIFEST, json.dumps(manifest, indent=2).encode(), overwrite=False)
     except BaseException:  # Ctrl-C too: never leave shards that look like a corpus but are not all of it
         remove_written(writers.values(), out_dir, created)
         raise
@@ -315,16 +315,16 @@ def verify(out_dir: Path, expected: str | None = None) -> dict:
     """Check every shard against the manifest's sums, and the sum over all of them against
     `expected` (another machine's tokens_sha256) when given; CorpusError on a difference."""
     try:
-        manifest = json.loads((out_dir / "manifest.json").read_text())
+        manifest = json.loads((out_dir / MANIFEST).read_text())
         files = manifest["files"]
     except (OSError, ValueError, KeyError) as error:
-        raise CorpusError(f"{out_dir}/manifest.json: cannot read the manifest ({error})") from None
+        raise CorpusError(f"{out_dir / MANIFEST}: cannot read the manifest ({error})") from None
     for entry in files:
         path = out_dir / entry["file"]
         if not path.is_file() or file_sha256(path) != entry["sha256"] or read_shard(path).size != entry["tokens"]:
             raise CorpusError(f"{path}: does not match manifest.json (missing, changed or truncated)")
     if tokens_sha256(files) != manifest["tokens_sha256"]:
-        raise CorpusError(f"{out_dir}/manifest.json: tokens_sha256 does not match its own file list")
+        raise CorpusError(f"{out_dir / MANIFEST}: tokens_sha256 does not match its own file list")
     if expected is not None and manifest["tokens_sha256"] != expected:
         raise CorpusError(f"{out_dir}: tokens_sha256 {manifest['tokens_sha256']} is not the expected {expected} "
                           "(another text file, tokenizer or sentencepiece version)")

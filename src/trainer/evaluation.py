@@ -335,16 +335,9 @@ def evaluate_sliding(model: GPT, data: EvalData, hp: Hyperparameters, runtime: R
     batches = -(-len(windows) // hp.eval_batch_seqs)
     label = f"sliding evaluation{' with SLOT' if slot else ''} ({batches} batches)"
     progress = Progress(runtime, label, batches * (hp.slot_steps if slot else 1), watch=clock.watch if clock else None)
-    done = 0
-
-    def tick() -> None:
-        nonlocal done
-        done += 1
-        progress.update(done)
-
     plain_sum, slot_sum = ScoreSum(runtime, data.token_bytes), ScoreSum(runtime, data.token_bytes)
     for batch in sliding_scores(model, data.val_tokens, windows, hp, runtime, slot, runtime.compile(model.forward_hidden),
-                                runtime.compile(slot_objective), tick):
+                                runtime.compile(slot_objective), progress.advance):
         plain_sum.add(batch, batch.nll)
         if batch.slot_nll is not None:
             slot_sum.add(batch, batch.slot_nll)
@@ -378,14 +371,7 @@ def ttt_scores(model: GPT, val_tokens: Tensor, hp: Hyperparameters, runtime: Run
                 f"ttt_lr={hp.ttt_lr} ttt_epochs={hp.ttt_epochs} freeze_blocks={hp.ttt_freeze_blocks} "
                 f"unfrozen={sum(p.numel() for p in params)} frozen={sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)}")
     hidden_fn, train_forward = runtime.compile(model.forward_hidden), runtime.compile(model)
-    passes = 0
-
-    def one_more_pass() -> None:
-        nonlocal passes
-        passes += 1
-        if progress is not None:
-            progress.update(passes)
-
+    one_more_pass = progress.advance if progress is not None else lambda: None
     for index, windows in enumerate(chunks):
         model.eval()
         yield from sliding_scores(model, val_tokens, rank_share(windows, runtime), hp, runtime, False, hidden_fn)

@@ -276,6 +276,12 @@ class Progress:
                  watch: Callable[[str, float], None] | None = None):
         self.runtime, self.label, self.total, self.every, self.watch = runtime, label, total, every, watch
         self.started = self.last = time.perf_counter()
+        self.done = 0
+
+    def advance(self) -> None:
+        """One more unit done."""
+        self.done += 1
+        self.update(self.done)
 
     def update(self, done: int, seconds_left: float | None = None) -> None:
         now = time.perf_counter()
