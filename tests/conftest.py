@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainer.artifact import encode_artifact, quantize_state
+from trainer.artifact import encode_artifact, quantize_state, running_code
 from trainer.data import build_smoke_corpus
 from trainer.evaluation import Window, sliding_windows
 from trainer.main import run_cli
@@ -28,6 +28,11 @@ from trainer.settings import Hyperparameters
 from trainer.shards import MANIFEST, read_shard, write_shard
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The code's identity, computed once at collection: mutmut's fork server collects the tests
+# before it forks a process per mutant, each of which would otherwise pack its mutated
+# (thirty times longer) copy of the source again.
+running_code()
 TOKENIZER = ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model"
 TOKENIZER_8192 = ROOT / "data" / "tokenizers" / "fineweb_8192_bpe_vendored.model"  # 256 byte-fallback pieces
 
@@ -36,6 +41,15 @@ TOKENIZER_8192 = ROOT / "data" / "tokenizers" / "fineweb_8192_bpe_vendored.model
 TINY = {"SMOKE": "1", "NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
         "VE_LAYERS": "1", "XSA_LAST_N": "2", "BIGRAM_VOCAB_SIZE": "64", "BIGRAM_DIM": "16",
         "VE_DIM": "16", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "16"}
+
+# A small model where no two shape settings coincide, so choosing the wrong one shows:
+# XSA on 2 of 5 layers, RoPE on 4 of 8 head dims (and NTK-scaled past 16 tokens), two
+# U-Net skips, 6 query heads on 2 KV heads, value embeddings on two layers, and table
+# widths (bigram 20, value 12, MLP 120) unlike the model's 48; a soft cap that bites.
+DISTINCT = {"SMOKE": "1", "NUM_LAYERS": "5", "MODEL_DIM": "48", "NUM_HEADS": "6", "NUM_KV_HEADS": "2", "ROPE_DIMS": "4",
+            "ROPE_BASE": "500", "ROPE_TRAIN_SEQ_LEN": "16", "XSA_LAST_N": "2", "VE_LAYERS": "1,3", "VE_DIM": "12",
+            "BIGRAM_VOCAB_SIZE": "50", "BIGRAM_DIM": "20", "MLP_MULT": "2.5", "LOGIT_SOFTCAP": "2.5",
+            "QK_GAIN_INIT": "3.5", "NEGATIVE_SLOPE": "0.3", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64"}
 
 # A whole run of the pipeline that takes a second or two: a few steps, every phase.
 QUICK_RUN = {**TINY, "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "3", "WARMUP_STEPS": "1", "VAL_LOSS_EVERY": "0",
@@ -46,6 +60,10 @@ QUICK_RUN = {**TINY, "TRAIN_BATCH_TOKENS": "1024", "ITERATIONS": "3", "WARMUP_ST
 
 def tiny_hp(**overrides: str) -> Hyperparameters:
     return Hyperparameters.from_env({**TINY, **overrides})
+
+
+def distinct_hp(**overrides: str) -> Hyperparameters:
+    return Hyperparameters.from_env({**DISTINCT, **overrides})
 
 
 def tiny_model(hp: Hyperparameters, seed: int = 0) -> GPT:

@@ -143,6 +143,42 @@ def test_gptq_beats_plain_rounding_on_the_hessian_weighted_error(rule, clip_rang
     assert hessian_error(weight, q, scale, hessian) < 0.8 * hessian_error(weight, plain, scale, hessian)
 
 
+def outlier_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 24 x 1024 layer of correlated inputs whose every row holds two values 60 row stds
+    out, past any clip point (even 20 stds of the row they inflate): one each way."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = torch.randn(2048, 1024, generator=generator) @ (torch.eye(1024) + 0.1 * torch.randn(1024, 1024, generator=generator))
+    weight = torch.randn(24, 1024, generator=generator)
+    rows = torch.arange(24)
+    weight[rows, 5 * rows] = 60.0
+    weight[rows, 5 * rows + 2] = -60.0
+    return weight, inputs.T @ inputs / len(inputs)
+
+
+@pytest.mark.parametrize("rule, clip_range", RULES, ids=RULE_IDS)
+def test_values_past_the_clip_point_get_the_edge_codes_and_no_code_leaves_the_grid(rule, clip_range):
+    weight, hessian = outlier_layer()
+    q, scale, used = gptq_quantize(weight, hessian, clip_range, rule, block_size=256)
+    assert used and q.dtype == torch.int8
+    assert int(q.min()) >= -clip_range and int(q.max()) <= clip_range
+    beyond = weight.abs() > clip_range * scale.float()[:, None]
+    if rule.sigmas:  # SDClip's k stds sit far below the outliers
+        assert beyond.sum() >= 2 * weight.size(0)
+    assert torch.equal(q[beyond], (torch.sign(weight[beyond]) * clip_range).to(torch.int8))
+
+
+@pytest.mark.parametrize("clip_range", [31, 15, 127])
+def test_rounding_clamps_to_the_grid(clip_range):
+    weight = torch.linspace(-3, 3, 601).repeat(2, 1)
+    q = round_to_grid(weight, torch.tensor([1.0 / clip_range, 2.0 / clip_range]).half(), clip_range)
+    expected = torch.clamp(torch.round(weight / torch.tensor([[1.0 / clip_range], [2.0 / clip_range]]).half().float()), -clip_range, clip_range)
+    assert torch.equal(q.double(), expected.double()) and int(q.min()) == -clip_range and int(q.max()) == clip_range
+    wide = torch.randn(4, 2000)
+    q8, scale8 = quantize_rows_int8(wide, quantile=0.99)  # one value in a hundred past the clip point
+    assert int(q8.abs().max()) == 127 and (q8.abs() == 127).sum() >= 4 * 2000 // 100
+    assert torch.equal(q8, round_to_grid(wide, row_scales(wide, 0.99, 127, True), 127))
+
+
 def test_sdclip_scales_are_k_standard_deviations_and_have_no_floor():
     weight = torch.randn(6, 100, dtype=torch.float64) * torch.tensor([1e-4, 0.01, 0.1, 1, 3, 10], dtype=torch.float64)[:, None]
     scale = sdclip_scales(weight.float(), 12.85, 31)

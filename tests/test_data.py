@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,31 @@ def test_cursor_visits_every_block_once_per_pass():
         assert sorted((o - cursor.phase) // seq_len for o in offsets) == list(range(blocks))
         assert all(o + seq_len + 1 <= num_tokens for o in offsets)
         assert cursor.remaining == 0
+
+
+def test_every_pass_of_a_cursor_is_a_coprime_stride_over_all_its_blocks():
+    """The invariant itself, over many shard sizes and block lengths, three passes each:
+    a phase inside a block, a stride coprime with the block count, each block once."""
+    rng = np.random.Generator(np.random.PCG64(1))
+    strides, phases = set(), set()
+    for num_tokens in [*range(2, 160), 1000, 4097, 10_001]:
+        for seq_len in (1, 3, 16, 64):
+            if num_tokens < seq_len + 1:
+                continue
+            cursor = ShardCursor(num_tokens, seq_len, rng)
+            for _ in range(3):
+                offsets = cursor.take(1)  # starts the pass (a cursor starts its next pass when asked for more)
+                blocks, phase, stride = cursor.num_blocks, cursor.phase, cursor.stride
+                offsets += cursor.take(blocks - 1)
+                assert 0 <= phase <= min(seq_len - 1, max(0, num_tokens - seq_len - 1))
+                assert blocks == (num_tokens - 1 - phase) // seq_len >= 1
+                assert math.gcd(stride, blocks) == 1 and (1 <= stride < blocks or blocks == stride == 1)
+                assert offsets == [phase + (offsets[0] - phase + i * stride * seq_len) % (blocks * seq_len) for i in range(blocks)]
+                assert sorted(offsets) == [phase + b * seq_len for b in range(blocks)]
+                assert max(offsets) + seq_len + 1 <= num_tokens  # every window's seq_len + 1 tokens inside
+                strides.add(stride)
+                phases.add(phase)
+    assert len(strides) > 50 and len(phases) > 50  # and the passes do differ
 
 
 def make_shards(folder, sizes):

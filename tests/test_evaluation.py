@@ -436,3 +436,97 @@ def test_a_non_finite_final_score_is_a_failure(byte_table, monkeypatch):
     with pytest.raises(evaluation_module.RunError, match=r"the final score is not finite \(nan\); the artifact is not usable"):
         evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(300), byte_table), runtime)
     assert lines[-1].startswith("final_score final_int6_sliding_window_exact val_bpb:nan ")
+
+
+# Evaluation ranges, each against a straightforward re-implementation.
+def windows_by_hand(num_ordinals, seq_len, stride, full_last):
+    """Window k starts at k * stride and scores what its predecessor left, up to its end;
+    the one that reaches the end starts seq_len before it when full_last."""
+    windows, k = [], 0
+    while not windows or windows[-1].end < num_ordinals:
+        start, end = k * stride, min(k * stride + seq_len, num_ordinals)
+        first = windows[-1].end if windows else 0
+        if end == num_ordinals and full_last:
+            start = max(num_ordinals - seq_len, 0)
+        if end > first:
+            windows.append(Window(start, end, first))
+        k += 1
+    return windows
+
+
+@pytest.mark.parametrize("full_last", [True, False], ids=["full_last", "on_the_grid"])
+def test_a_sliding_evaluation_scores_every_ordinal_once_from_its_own_window(byte_table, full_last):
+    """Stride 16 < 64: the exact tokens, bytes and NLL, window by window, as a plain loop
+    over the model makes them."""
+    hp = tiny_hp(SLOT_ENABLED="0", EVAL_STRIDE="16", EVAL_BATCH_SEQS="5", EVAL_FULL_LAST_WINDOW=str(int(full_last)))
+    model, tokens = noisy_model(hp).eval(), val_tokens(300)
+    windows = windows_by_hand(299, 64, 16, full_last)
+    assert sliding_windows(299, 64, 16, full_last) == windows
+    nll, byte_count = 0.0, 0.0
+    with torch.no_grad():
+        for start, end, first in windows:
+            window_nll = model.token_nll(tokens[None, start:end], tokens[None, start + 1 : end + 1])[0]
+            nll += window_nll[first - start :].double().sum().item()
+            byte_count += count_bytes(byte_table, tokens[first:end], tokens[first + 1 : end + 1]).sum().item()
+    result, _ = evaluate_sliding(model, data_of(tokens, byte_table), hp, Runtime())
+    assert result.tokens == 299 and result.bytes == byte_count
+    assert result.nll == pytest.approx(nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("mode", CAUSAL_SLOT_MODES)
+def test_causal_slot_fits_on_exactly_the_ordinals_already_scored(byte_table, mode):
+    """window: the positions of the window whose ordinals an earlier window scored;
+    batch_causal: those that an earlier batch scored. Not one position fewer or more."""
+    hp = tiny_hp(SLOT_MODE=mode, EVAL_STRIDE="16", EVAL_BATCH_SEQS="5", SLOT_STEPS="1")
+    tokens = val_tokens(300)
+    windows = sliding_windows(299, 64, 16, True)
+    fitted = []
+
+    def recording_objective(model, hidden, delta, targets, weights, in_bf16):
+        fitted.append(weights > 0)
+        return evaluation_module.slot_objective(model, hidden, delta, targets, weights, in_bf16)
+
+    list(sliding_scores(noisy_model(hp).eval().requires_grad_(False), tokens, windows, hp, Runtime(), True,
+                        objective=recording_objective))
+    expected = []
+    for first in range(0, len(windows), 5):
+        batch = windows[first : first + 5]
+        earlier_batches_scored = batch[0].first_scored  # everything before the batch's first window's scores
+        for start, end, first_scored in batch:
+            known = first_scored if mode == "window" else earlier_batches_scored
+            expected.append([start + p < known and start + p < end for p in range(64)])
+    assert torch.cat(fitted).tolist() == expected
+    assert any(any(row) for row in expected) and not all(all(row) for row in expected)
+
+
+def test_ttt_trains_after_every_chunk_but_the_last_with_a_cosine_learning_rate(byte_table, monkeypatch):
+    calls = []
+    monkeypatch.setattr(evaluation_module, "train_on_chunk",
+                        lambda model, forward, params, optimizer, tokens, start, end, lr, *rest: calls.append((start, end, lr)))
+    hp = tiny_hp(**{**TTT, "TTT_LR": "0.03", "TTT_CHUNK_TOKENS": "70"})
+    result = evaluate_ttt(noisy_model(hp), data_of(val_tokens(300), byte_table), hp, Runtime())
+    chunks = 5  # 299 ordinals in chunks of 70
+    assert [(start, end) for start, end, _ in calls] == [(0, 70), (70, 140), (140, 210), (210, 280)]
+    assert [lr for _, _, lr in calls] == pytest.approx([0.03 * (1 + math.cos(math.pi * i / (chunks - 1))) / 2 for i in range(4)])
+    assert result.tokens == 299
+
+
+def test_a_run_with_ttt_counts_the_ttt_score(byte_table):
+    hp = tiny_hp(**TTT)
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    counted = evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(300), byte_table), runtime)
+    ttt = evaluate_ttt(noisy_model(hp), data_of(val_tokens(300), byte_table), hp, Runtime())
+    sliding = next(line for line in lines if line.startswith("final_int6_sliding_window_exact "))
+    assert counted.bpb == ttt.bpb and f"val_bpb:{ttt.bpb:.8f}" not in sliding
+    assert any(line == f"legal_ttt_exact val_loss:{ttt.loss:.8f} val_bpb:{ttt.bpb:.8f}" for line in lines)
+    (final,) = [line for line in lines if line.startswith("final_score ")]
+    assert final.startswith(f"final_score legal_ttt_exact val_bpb:{ttt.bpb:.8f} slot:off causal:yes accepted:yes ")
+
+
+def test_with_slot_switches_slot_and_keeps_the_mode_when_off():
+    hp = tiny_hp(SLOT_MODE="batch_causal", SLOT_ENABLED="0")
+    assert (with_slot(hp, "off").slot_enabled, with_slot(hp, "off").slot_mode) == (False, "batch_causal")
+    assert (with_slot(hp, "shared").slot_enabled, with_slot(hp, "shared").slot_mode) == (True, "shared")
+    assert with_slot(tiny_hp(SLOT_MODE="shared"), "off").slot_mode == "shared"

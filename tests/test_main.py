@@ -212,3 +212,25 @@ def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeyp
     assert re.search(r"^gptq_quantize: 25 GPTQ matrices, 0 rounded per row", log, re.MULTILINE)  # 4 layers x 6 + the table
     assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
     assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)
+
+
+@pytest.mark.parametrize("smi, driver", [("550.54.15\n550.54.15\n", "550.54.15"), ("", "unknown"), (None, "unknown")],
+                         ids=["two_gpus", "silent", "missing"])
+def test_the_gpu_is_described_by_name_capability_driver_and_cuda(monkeypatch, smi, driver):
+    """nvidia-smi's first line gives the driver (unknown when it says nothing or is missing)."""
+    asked = []
+
+    def nvidia_smi(command, **kwargs):
+        asked.append((command, kwargs))
+        if smi is None:
+            raise FileNotFoundError("nvidia-smi")
+        return subprocess.CompletedProcess(command, 0, stdout=smi)
+
+    monkeypatch.setattr(main_module.subprocess, "run", nvidia_smi)
+    monkeypatch.setattr(main_module.torch.cuda, "get_device_capability", lambda device: (9, 0) if device.index == 3 else None)
+    monkeypatch.setattr(main_module.torch.cuda, "get_device_name", lambda device: f"NVIDIA H100 #{device.index}")
+    monkeypatch.setattr(main_module.torch.version, "cuda", "12.8")
+    described = main_module.gpu_description(main_module.torch.device("cuda", 3))
+    assert described == f"gpu:NVIDIA H100 #3 capability:9.0 driver:{driver} cuda:12.8"
+    assert asked == [(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                      {"capture_output": True, "text": True, "timeout": 10})]

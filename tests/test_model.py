@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from trainer.data import make_sampler
 from trainer.model import BigramHash, GPT, ModelConfig, QATLinear, apply_rotary, remove_self_value, rotary_tables, soft_round_to_grid
 from trainer.optimizer import build_optimizers
 from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters
-from conftest import TOKENIZER_8192, noisy_model, tiny_hp, tiny_model
+from conftest import TOKENIZER_8192, distinct_hp, noisy_model, tiny_hp, tiny_model
 
 
 @pytest.mark.parametrize("profile, count", [("pr1217", 27_041_372), ("pr1493", 35_944_536)])
@@ -186,3 +187,129 @@ def test_loops_and_parallel_residuals_match_a_plain_version(looping):
     assert torch.allclose(model.forward_hidden(tokens), expected, atol=1e-10)
     model.looping = not looping
     assert not torch.allclose(model.forward_hidden(tokens), expected, atol=1e-3)  # the loops do change the function
+
+
+# An independent float64 version of the whole model, written from the module docstring's
+# bank layout and each formula, on DISTINCT's shapes where no two settings coincide.
+def rms(x):
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + torch.finfo(torch.float64).eps)
+
+
+def rope_by_hand(x, rope_dims, base, train_len):
+    """Pairs (j, j + rope_dims/2) of the first rope_dims dims turn by -t * base^(-2j/rope_dims)."""
+    length = x.size(1)
+    if length > train_len:
+        base = base * (length / train_len) ** (rope_dims / (rope_dims - 2))
+    half = rope_dims // 2
+    angle = torch.arange(length, dtype=torch.float64)[:, None] * base ** (-2 * torch.arange(half, dtype=torch.float64) / rope_dims)
+    turned = torch.complex(x[..., :half], x[..., half:rope_dims]) * torch.exp(-1j * angle)[None, :, None, :]
+    return torch.cat((turned.real, turned.imag, x[..., rope_dims:]), -1)
+
+
+def attention_by_hand(q, k, v):
+    """Causal softmax attention, query head h reading KV head h // (H / KV)."""
+    group = q.size(2) // k.size(2)
+    k, v = k.repeat_interleave(group, 2), v.repeat_interleave(group, 2)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) / q.size(-1) ** 0.5
+    length = q.size(1)
+    scores = scores.masked_fill(torch.ones(length, length, dtype=torch.bool).triu(1), float("-inf"))
+    return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
+
+
+def reference_forward(model, tokens, visits, encoder_length):
+    """(final hidden states, logits, NLL) of tokens[:, 1:] from tokens[:, :-1]; `visits`: the
+    layers in the order the forward runs them, the first `encoder_length` of them the encoder."""
+    c, p = model.config, {name: value.detach().double() for name, value in model.named_parameters()}
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    batch, length = inputs.shape
+    layers, heads, kv_heads, head_dim = c.num_layers, c.num_heads, c.num_kv_heads, c.model_dim // c.num_heads
+    x = p["tok_emb.weight"][inputs]
+    if c.bigram_vocab_size:
+        ids = torch.full_like(inputs, c.bigram_vocab_size - 1)
+        for t in range(1, length):
+            ids[:, t] = ((36313 * inputs[:, t]) ^ (27191 * inputs[:, t - 1])) % (c.bigram_vocab_size - 1)
+        x = x + p["bigram.table.weight"][ids] @ p["bigram.proj.weight"].T * p["bigram.scale"]
+    x = rms(x)
+    if c.smear_gate:
+        g = torch.sigmoid(p["smear.gate"])
+        x = torch.cat((x[:, :1] * (1 - g), (1 - g) * x[:, 1:] + g * x[:, :-1]), 1)
+    x0, skips = x, []
+    for position, layer in enumerate(visits):
+        k = position - encoder_length
+        if 0 <= k < len(p["skip_weights"]) and skips:
+            g = torch.sigmoid(p["skip_gates"][k])
+            x = g * x + (1 - g) * p["skip_weights"][k] * skips.pop()
+        prefix = f"blocks.{layer}."
+        x = p[prefix + "resid_mix"][0] * x + p[prefix + "resid_mix"][1] * x0
+        normed = rms(x) / (layer + 1) ** 0.5
+        q = (normed @ p["qo_bank"][layer].T).view(batch, length, heads, head_dim)
+        key = (normed @ p["kv_bank"][layer].T).view(batch, length, kv_heads, head_dim)
+        value = normed @ p["kv_bank"][layers + layer].T
+        if layer in c.ve_layers:
+            table = p["value_embed.table.weight"][inputs] @ p["value_embed.proj.weight"].T * p["value_embed.scale"]
+            value = value + table * p[f"value_embed.layer_scales.{list(c.ve_layers).index(layer)}"]
+        value = value.view(batch, length, kv_heads, head_dim)
+        q = rope_by_hand(rms(q), c.rope_dims, c.rope_base, c.rope_train_seq_len) * p[prefix + "attn.q_gain"][:, None]
+        key = rope_by_hand(rms(key), c.rope_dims, c.rope_base, c.rope_train_seq_len)
+        y = attention_by_hand(q, key, value)
+        if layer >= layers - c.xsa_last_n:
+            unit = (value / value.norm(dim=-1, keepdim=True)).repeat_interleave(heads // kv_heads, 2)
+            y = y - (y * unit).sum(-1, keepdim=True) * unit
+        attended = x + p[prefix + "attn_scale"] * (y.reshape(batch, length, -1) @ p["qo_bank"][layers + layer].T)
+        mlp_input = normed if 0 <= c.parallel_residual_start <= layer else rms(attended) / (layer + 1) ** 0.5
+        hidden = F.leaky_relu(mlp_input @ p["mlp_up_bank"][layer].T, c.negative_slope).square()
+        x = attended + p[prefix + "mlp_scale"] * (hidden @ p["mlp_down_bank"][layer].T)
+        if position < encoder_length:
+            skips.append(x)
+    hidden = rms(x)
+    logits = c.logit_softcap * torch.tanh(hidden @ p["tok_emb.weight"].T / c.logit_softcap)
+    return hidden, logits, torch.logsumexp(logits, -1) - logits.gather(-1, targets[..., None])[..., 0]
+
+
+LOOPED = dict(PROFILE="pr1493", NUM_LOOPS="1", LOOP_START="1", LOOP_END="2", PARALLEL_RESIDUAL_START="3",
+              TOKENIZER_PATH=str(TOKENIZER_8192))
+
+
+@pytest.mark.parametrize("settings, looping, visits, encoder_length", [
+    ({}, False, [0, 1, 2, 3, 4], 2),
+    (LOOPED, False, [0, 1, 2, 3, 4], 2),
+    (LOOPED, True, [0, 1, 2, 1, 2, 3, 4], 3),
+], ids=["pr1217", "pr1493_before_looping", "pr1493_looping"])
+def test_the_model_matches_an_independent_version_where_no_settings_coincide(settings, looping, visits, encoder_length):
+    model = noisy_model(distinct_hp(**settings)).double()
+    with torch.no_grad():  # logits several times the soft cap, so the cap's formula matters
+        model.tok_emb.weight.mul_(40)
+    model.looping = looping
+    tokens = torch.randint(0, model.config.vocab_size, (2, 25), generator=torch.Generator().manual_seed(3))
+    hidden, logits, nll = reference_forward(model, tokens, visits, encoder_length)
+    assert (hidden @ model.tok_emb.weight.T).abs().max() > 3 * model.config.logit_softcap
+    # (the model's RoPE tables are float32: ~1e-8 from the float64 ones)
+    assert torch.allclose(model.forward_hidden(tokens[:, :-1]), hidden, rtol=0, atol=1e-6)
+    assert torch.allclose(model.logits(hidden), logits, rtol=0, atol=1e-12)
+    # the loss is taken in float32
+    assert torch.allclose(model.token_nll(tokens[:, :-1], tokens[:, 1:]).double(), nll, rtol=0, atol=2e-5)
+    assert model(tokens[:, :-1], tokens[:, 1:]).item() == pytest.approx(nll.mean().item(), rel=1e-6)
+
+
+def test_every_control_tensor_starts_at_its_stated_value():
+    hp = distinct_hp()
+    model = tiny_model(hp)
+    for layer, block in enumerate(model.blocks):
+        assert torch.equal(block.attn.q_gain, torch.full((6,), 3.5))
+        assert torch.equal(block.resid_mix, torch.stack((torch.ones(48), torch.zeros(48))))
+        assert torch.equal(block.attn_scale, torch.ones(48)) and torch.equal(block.mlp_scale, torch.ones(48))
+        assert block.norm_scale == 1 / (layer + 1) ** 0.5 and block.attn.use_xsa == (layer >= 3)
+        assert not block.parallel
+    assert torch.equal(model.skip_weights, torch.ones(2, 48)) and torch.equal(model.skip_gates, torch.zeros(2, 48))
+    assert model.bigram.scale.item() == pytest.approx(0.05) and not model.bigram.table.weight.any()
+    assert model.value_embed.scale.item() == pytest.approx(0.1) and model.smear.gate.abs().sum() == 0
+    assert [p.item() for p in model.value_embed.layer_scales] == [1.0, 1.0]
+    assert model.tok_emb.weight.std().item() == pytest.approx(0.005, rel=0.05)
+    assert model.value_embed.table.weight.std().item() == pytest.approx(0.01, rel=0.05)
+    for bank in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
+        assert bank.shape[0] == 2 * 5 or bank.shape[0] == 5
+    assert not model.qo_bank[5:].any() and not model.mlp_down_bank.any()  # out-projections and MLP-down start at zero
+    for matrix in (*model.qo_bank[:5], *model.kv_bank, *model.mlp_up_bank):
+        rows, cols = matrix.shape
+        product = matrix @ matrix.T if rows <= cols else matrix.T @ matrix
+        assert torch.allclose(product, torch.eye(min(rows, cols)), atol=1e-5)

@@ -9,13 +9,20 @@ import signal
 import subprocess
 import sys
 
-import pytest
+from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import trainer.runtime as runtime_module
 from trainer.files import temporary_name
-from trainer.runtime import (Progress, Runtime, Terminated, check_torch_version, launch_ranks, open_run_files,
-                             start_runtime, stop_on_signals)
-from trainer.settings import InputError
+from trainer.runtime import (Progress, Runtime, Terminated, check_torch_version, check_writable, create_log_file, launch_ranks,
+                             open_run_files, start_runtime, stop_on_signals)
+from trainer.settings import Hyperparameters, InputError
 from conftest import ROOT, tiny_hp
+
 
 @pytest.mark.parametrize("version, fine", [("2.13.0+cpu", True), ("2.5.1", True), ("2.4.1+cu121", False), ("1.13.0", False)])
 def test_torch_version_floor(version, fine):
@@ -130,7 +137,221 @@ def test_sigterm_and_sighup_become_an_exception(signum):
         stop_on_signals()
         with pytest.raises(Terminated) as caught:
             os.kill(os.getpid(), signum)
-        assert caught.value.signum == signum
+        assert caught.value.signum == signum and caught.value.args == (signum,)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def test_a_failure_goes_to_stderr_from_every_rank_and_to_the_log_only(tmp_path, capsys):
+    main = Runtime()
+    main.log_path = tmp_path / "run.txt"
+    main.fail("error: boom")
+    Runtime(rank=1, world_size=2).fail("error: boom")
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == "error: boom\nrank 1: error: boom\n"
+    assert main.log_path.read_text() == "error: boom\n"
+
+
+# The collectives, on rank 0 of two, with a stand-in for torch.distributed whose other rank
+# holds `PEER` times this rank's values (a real 2-process run is tests/test_distributed.py,
+# which runs these too; this one runs in one process, as mutation testing needs).
+PEER = 3.0
+
+
+class Work:
+    def __init__(self):
+        self.waited = False
+
+    def wait(self):
+        self.waited = True
+
+
+class TwoRanks:
+    """torch.distributed as rank 0 of 2 sees it; every call is recorded."""
+    ReduceOp = dist.ReduceOp
+
+    def __init__(self, peer_bytes=b""):
+        self.calls, self.peer_bytes, self.works = [], peer_bytes, []
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM):
+        self.calls.append(("all_reduce", op))
+        tensor.copy_(torch.maximum(tensor, PEER * tensor) if op == dist.ReduceOp.MAX else tensor * (1 + PEER))
+
+    def broadcast(self, tensor, src):
+        self.calls.append(("broadcast", src))
+        if src == 1:  # the other rank's value: its length, then its bytes
+            tensor.copy_(torch.tensor(len(self.peer_bytes)) if tensor.ndim == 0 else torch.frombuffer(bytearray(self.peer_bytes), dtype=torch.uint8))
+
+    def reduce_scatter_tensor(self, shard, padded, async_op):
+        self.calls.append(("reduce_scatter", async_op))
+        shard.copy_((padded * (1 + PEER))[: shard.size(0)])
+        self.works.append(Work())
+        return self.works[-1]
+
+    def all_gather_into_tensor(self, output, shard, async_op):
+        self.calls.append(("all_gather", async_op))
+        output.copy_(torch.cat((shard, PEER * shard)))
+        return "work"
+
+    def barrier(self):
+        self.calls.append(("barrier",))
+
+
+@pytest.fixture
+def two_ranks(monkeypatch):
+    fake = TwoRanks(peer_bytes=b"artifact bytes")
+    monkeypatch.setattr(runtime_module, "dist", fake)
+    return fake, Runtime(rank=0, world_size=2)
+
+
+def test_one_process_calls_no_collective(monkeypatch):
+    fake = TwoRanks()
+    monkeypatch.setattr(runtime_module, "dist", fake)
+    runtime, tensor = Runtime(), torch.arange(4.0)
+    assert runtime.all_reduce_(tensor) is tensor and runtime.broadcast_(tensor, 0) is tensor
+    runtime.mean_([tensor])
+    runtime.barrier()
+    assert runtime.broadcast_bytes(b"x", 0) == b"x" and torch.equal(tensor, torch.arange(4.0))
+    assert torch.equal(runtime.reduce_scatter_mean(tensor, torch.bfloat16).wait(), tensor) and fake.calls == []
+
+
+def test_sums_and_means_over_two_ranks(two_ranks):
+    fake, runtime = two_ranks
+    assert torch.equal(runtime.all_reduce_(torch.tensor([1.0, -2.0])), torch.tensor([4.0, -8.0]))
+    assert torch.equal(runtime.all_reduce_(torch.tensor([1.0, -2.0]), "max"), torch.tensor([3.0, -2.0]))
+    a, b = torch.ones(2, 3), torch.arange(4.0)
+    runtime.mean_([a, b])
+    assert torch.equal(a, torch.full((2, 3), 2.0)) and torch.equal(b, 2 * torch.arange(4.0))
+    runtime.mean_([])
+    assert fake.calls == [("all_reduce", dist.ReduceOp.SUM), ("all_reduce", dist.ReduceOp.MAX), ("all_reduce", dist.ReduceOp.SUM)]
+
+
+def test_bytes_and_tensors_come_from_their_source(two_ranks):
+    fake, runtime = two_ranks
+    assert runtime.broadcast_bytes(None, 1) == b"artifact bytes"
+    assert runtime.broadcast_bytes(b"mine", 0) == b"mine"
+    runtime.barrier()
+    assert fake.calls == [("broadcast", 1)] * 2 + [("broadcast", 0)] * 2 + [("barrier",)]
+
+
+@pytest.mark.parametrize("rows", [5, 6])
+def test_a_reduce_scatter_averages_this_ranks_padded_rows(two_ranks, rows):
+    fake, runtime = two_ranks
+    tensor = torch.arange(rows * 2.0).view(rows, 2)
+    pending = runtime.reduce_scatter_mean(tensor, torch.float64)
+    assert not fake.works[0].waited
+    shard = pending.wait()
+    assert fake.works[0].waited and fake.calls == [("reduce_scatter", True)]
+    assert shard.dtype == torch.float32 and torch.equal(shard, 2 * tensor[:3].float())  # (1 + 3) / 2 ranks
+
+
+def test_without_reduce_scatter_the_whole_sum_is_kept_in_part(two_ranks, monkeypatch):
+    fake, runtime = two_ranks
+
+    def unsupported(*args, **kwargs):
+        raise NotImplementedError("gloo has no reduce_scatter")
+
+    monkeypatch.setattr(fake, "reduce_scatter_tensor", unsupported)
+    tensor = torch.arange(10.0).view(5, 2)
+    assert torch.equal(runtime.reduce_scatter_mean(tensor, torch.float32).wait(), 2 * tensor[:3])
+    assert not runtime.reduce_scatter_works  # and it is not tried again
+    assert torch.equal(runtime.reduce_scatter_mean(tensor, torch.float32).wait(), 2 * tensor[:3])
+    assert fake.calls == [("all_reduce", dist.ReduceOp.SUM)] * 2
+    second = Runtime(rank=1, world_size=2, reduce_scatter_works=False)
+    assert torch.equal(second.reduce_scatter_mean(tensor, torch.float32).wait(), torch.cat((2 * tensor[3:], torch.zeros(1, 2))))
+
+
+def test_all_gather_starts_one_gather(two_ranks):
+    fake, runtime = two_ranks
+    output = torch.empty(4)
+    assert runtime.all_gather(output, torch.tensor([1.0, 2.0])) == "work"
+    assert torch.equal(output, torch.tensor([1.0, 2.0, 3.0, 6.0])) and fake.calls == [("all_gather", True)]
+
+
+def test_on_the_cpu_autocast_and_copies_change_nothing():
+    runtime, tensor = Runtime(), torch.ones(2, 2)
+    with runtime.autocast():
+        assert (tensor @ tensor).dtype == torch.float32
+    assert runtime.to_device(tensor) is tensor
+    runtime.synchronize()
+
+
+def test_compile_is_only_asked_for_where_it_is_enabled():
+    def double(x):
+        return 2 * x
+
+    assert Runtime().compile(double) is double
+    compiled = Runtime(compile_enabled=True, compile_backend="eager").compile(double)
+    assert compiled is not double and torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+
+    def breaks(x):
+        torch._dynamo.graph_break()
+        return x + 1
+
+    with pytest.raises(Exception, match="graph_break|graph break"):  # fullgraph: a graph break fails loudly
+        Runtime(compile_enabled=True, compile_backend="eager").compile(breaks)(torch.ones(2))
+
+
+@pytest.mark.parametrize("settings, accum, compiled", [({"GRAD_ACCUM_STEPS": "0"}, 8, False), ({"GRAD_ACCUM_STEPS": "3"}, 3, False),
+                                                       ({"COMPILE": "1"}, 1, True), ({"COMPILE": "0"}, 1, False)])
+def test_a_started_runtime_is_one_seeded_cpu_process(settings, accum, compiled):
+    threads = torch.get_num_threads()
+    try:
+        hp = tiny_hp(SEED="77", **settings)
+        runtime = start_runtime(hp, {})
+        assert (runtime.rank, runtime.world_size, runtime.local_rank, runtime.device.type) == (0, 1, 0, "cpu")
+        assert (runtime.accum_steps, runtime.compile_enabled) == (accum, compiled)
+        assert torch.initial_seed() == 77 and np.random.get_state()[1][0] == np.random.RandomState(77).get_state()[1][0]
+        assert torch.get_num_threads() == 2  # the smoke run's fixed thread count
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_run_outside_the_smoke_run_keeps_the_thread_count():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start_runtime(Hyperparameters.from_env({"SEED": "5"}), {})
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_log_folder_that_cannot_be_made_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(InputError, match=r"file is not a folder: the run's log goes to .*file/r.txt \(move that file away\)$"):
+        create_log_file(tmp_path / "file" / "r.txt")
+    with pytest.raises(InputError, match=r"^RUN_ID='r' is not allowed: cannot create /proc/nonesuch/r.txt \(No such file or directory\)$"):
+        create_log_file(Path("/proc/nonesuch/r.txt"))
+    made = create_log_file(tmp_path / "deep" / "er" / "r.txt")
+    assert made.read_text() == "" and made == tmp_path / "deep" / "er" / "r.txt"
+
+
+def test_an_artifact_folder_is_made_and_the_probe_removed(tmp_path):
+    check_writable(tmp_path / "new" / "model.ptz", "ARTIFACT_PATH")
+    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+    with pytest.raises(InputError, match=r"^ARTIFACT_PATH='/proc/nonesuch/m.ptz' is not allowed: cannot write there "
+                                         r"\(No such file or directory: /proc/nonesuch\)$"):
+        check_writable(Path("/proc/nonesuch/m.ptz"), "ARTIFACT_PATH")
+
+
+def test_the_log_goes_to_the_console_and_file_only_on_rank_0(tmp_path, capsys):
+    main, other = Runtime(log_path=tmp_path / "a.txt"), Runtime(rank=1, world_size=2, log_path=tmp_path / "b.txt")
+    (tmp_path / "a.txt").write_text("")
+    main.log("one")
+    main.log("two", console=False)
+    other.log("three")
+    assert capsys.readouterr().out == "one\n" and (tmp_path / "a.txt").read_text() == "one\ntwo\n"
+    assert not (tmp_path / "b.txt").exists()
+
+
+def test_progress_prints_its_line_at_most_every_period_and_only_on_rank_0(capsys):
+    progress = Progress(Runtime(), "TTT passes", 4, every=5.0)
+    progress.started -= 6.0  # 6 s in, and a line due
+    progress.last -= 6.0
+    progress.advance()
+    progress.advance()  # too soon for another line
+    Progress(Runtime(rank=1, world_size=2), "TTT passes", 4, every=0.0).advance()
+    assert capsys.readouterr().out == "  TTT passes: 1/4, 6s so far, ~18s left\n"
+    assert progress.done == 2

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tools import pack
 from trainer.main import run_cli
 from trainer.settings import (PROFILES, Hyperparameters, InputError, changed_settings, describe_settings, misspelled_settings,
                               profile_defaults, with_smoke_when_no_data)
+from conftest import ROOT
 
 
 
@@ -52,6 +54,20 @@ def test_the_smoke_run_is_bounded_by_steps():
     ({"EVAL_STRIDE": "4096"}, "EVAL_STRIDE=4096 is not allowed: must be at most EVAL_SEQ_LEN=2048"),
     ({"ROPE_DIMS": "2"}, "ROPE_DIMS=2 is not allowed: must be 0 (all) or even in 4..the head dim"),
     ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 is not allowed: must lie in [0, 1)"),
+    ({"ROPE_DIMS": "1"}, "ROPE_DIMS=1 is not allowed: must be 0 (all) or even in 4..the head dim"),
+    ({"ROPE_DIMS": "66"}, "ROPE_DIMS=66 is not allowed: must be 0 (all) or even in 4..the head dim"),
+    ({"RUN_ID": ".hidden"}, "RUN_ID='.hidden' is not allowed: letters, digits, '.', '_' and '-' (at most 128, not starting "
+                            "with '.'): it names logs/<RUN_ID>.txt"),
+    ({"ARTIFACT_PATH": "out/.."}, "ARTIFACT_PATH='out/..' is not allowed: a file name, optionally in a folder"),
+    ({"MLP_MULT": "1.01"}, "MLP_MULT=1.01 is not allowed: must give a whole hidden width"),
+    ({"BIGRAM_VOCAB_SIZE": "1"}, "BIGRAM_VOCAB_SIZE=1 is not allowed: must be 0 (off) or at least 2"),
+    ({"VE_LAYERS": "11"}, "VE_LAYERS='11' is not allowed: layers must lie in 0..10"),
+    ({"XSA_LAST_N": "12"}, "XSA_LAST_N=12 is not allowed: must be at most NUM_LAYERS=11"),
+    ({"GPTQ_RESERVE_MS": "600100"}, "GPTQ_RESERVE_MS=600100.0 is not allowed: must be less than MAX_WALLCLOCK_SECONDS=600 in ms"),
+    ({"GPTQ_RESERVE_MS": "600000"}, "GPTQ_RESERVE_MS=600000.0 is not allowed: must be less than MAX_WALLCLOCK_SECONDS=600 in ms"),
+    ({"MATRIX_CLIP_SIGMAS": "12", "GPTQ_FINE_SCALES": "1"}, "GPTQ_FINE_SCALES=1 is not allowed: only refines the quantile "
+                                                           "search: not with MATRIX_CLIP_SIGMAS > 0"),
+    ({"MUON_MOMENTUM": "1"}, "MUON_MOMENTUM=1.0 is not allowed: must lie in [0, 1)"),
 ])
 def test_bad_settings_name_the_variable(environ, message):
     with pytest.raises(InputError) as caught:
@@ -166,7 +182,8 @@ def test_the_smoke_run_keeps_each_profiles_features():
 
 def test_help_shows_every_profiles_values_and_the_ranges():
     text = describe_settings()
-    assert text.startswith("Environment variables (pr1217 / pr1493 values, then the allowed range):")
+    assert text.startswith("Environment variables (pr1217 / pr1493 values, then the allowed range):\n  PROFILE ")
+    assert len(text.splitlines()) == 1 + len(fields(Hyperparameters))
     assert "  VOCAB_SIZE                   [1024 / 8192] [2, 65536]: tokenizer vocabulary size" in text
     assert "  MATRIX_LR                    [0.03 / 0.022] [0, inf): Muon LR of the weight banks" in text
 
@@ -182,3 +199,44 @@ def test_the_new_settings_check_each_other(environ, message):
     with pytest.raises(InputError) as caught:
         Hyperparameters.from_env(environ)
     assert str(caught.value).startswith(message)
+
+
+def test_the_readme_documents_every_setting_as_this_module_has_it():
+    """The README's table is generated from each setting's profiles, range and meaning."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert pack.readme_with_table(readme) == readme, "run python tools/pack.py"
+
+
+@pytest.mark.parametrize("environ", [
+    {"ROPE_DIMS": "0"}, {"ROPE_DIMS": "4"}, {"ROPE_DIMS": "6"}, {"ROPE_DIMS": "64"}, {"MLP_MULT": "1.015625"},
+    {"BIGRAM_VOCAB_SIZE": "2"}, {"BIGRAM_VOCAB_SIZE": "0"}, {"VE_LAYERS": "0,10"}, {"XSA_LAST_N": "11"},
+    {"EVAL_STRIDE": "2048"}, {"GPTQ_RESERVE_MS": "599999"}, {"NUM_LOOPS": "1", "LOOP_START": "4", "LOOP_END": "4"},
+    {"NEGATIVE_SLOPE": "1"}, {"NEGATIVE_SLOPE": "0"}, {"SEED": "4294967295"},
+], ids=lambda environ: " ".join(f"{k}={v}" for k, v in environ.items()))
+def test_the_edges_of_each_rule_are_allowed(environ):
+    Hyperparameters.from_env(environ)  # the edges of the ranges and rules above, each on the allowed side
+
+
+@pytest.mark.parametrize("word, value", [("1", True), ("true", True), ("Yes", True), (" ON ", True), ("TRUE", True),
+                                         ("0", False), ("false", False), ("no", False), ("Off", False), ("", False),
+                                         ("FALSE", False)])
+def test_every_word_for_a_switch(word, value):
+    assert Hyperparameters.from_env({"SLOT_ENABLED": word}).slot_enabled is value
+
+
+def test_settings_come_from_the_process_environment_by_default(monkeypatch):
+    monkeypatch.setenv("SLOT_STEPS", "3")
+    monkeypatch.setenv("SMOKE", "1")
+    hp = Hyperparameters.from_env()
+    assert hp.slot_steps == 3 and hp.smoke and hp.num_layers == 4
+
+
+def test_the_smoke_run_starts_when_the_chosen_profile_has_no_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shards = tmp_path / Hyperparameters().data_path  # the pr1217 profile's data only
+    shards.mkdir(parents=True)
+    (shards / "fineweb_train_000000.bin").write_bytes(b"")
+    assert with_smoke_when_no_data({"PROFILE": "pr1493"}) == {"PROFILE": "pr1493", "SMOKE": "1"}
+    assert with_smoke_when_no_data({"PROFILE": "pr1217"}) == {"PROFILE": "pr1217"}
+    assert with_smoke_when_no_data({"SMOKE": "0", "PROFILE": "pr1493"}) == {"SMOKE": "0", "PROFILE": "pr1493"}
+    assert with_smoke_when_no_data({"PROFILE": "nonesuch"}) == {"PROFILE": "nonesuch"}  # refused later, by its name

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import subprocess
 import sys
 
@@ -215,6 +217,44 @@ def test_student_t_cdf_against_the_table(t, dof, expected):
     assert submission.student_t_cdf(t, dof) == pytest.approx(expected, abs=5e-4)
 
 
+def closed_form_t_cdf(t: float, dof: int) -> float:
+    """Student's t CDF for 1, 2 and 3 degrees of freedom, which have closed forms."""
+    if dof == 1:
+        return 0.5 + math.atan(t) / math.pi
+    if dof == 2:
+        return 0.5 + t / (2 * math.sqrt(2 + t * t))
+    return 0.5 + (t / (math.sqrt(3) * (1 + t * t / 3)) + math.atan(t / math.sqrt(3))) / math.pi
+
+
+@pytest.mark.parametrize("dof", [1, 2, 3])
+@pytest.mark.parametrize("t", [-7.5, -1.3, -0.2, 0.0, 0.6, 2.9, 40.0])
+def test_student_t_cdf_equals_the_closed_forms(t, dof):
+    assert submission.student_t_cdf(t, dof) == pytest.approx(closed_form_t_cdf(t, dof), abs=1e-12)
+
+
+def test_one_sample_test_by_hand():
+    t, dof, p = submission.one_sample_p_value([1.0, 1.1, 0.9, 1.2], 1.3)
+    expected_t = (1.05 - 1.3) / (math.sqrt(0.05 / 3) / 2)
+    assert t == pytest.approx(expected_t, rel=1e-12) and dof == 3
+    assert p == pytest.approx(closed_form_t_cdf(expected_t, 3), abs=1e-12)
+
+
+def test_the_comparison_with_a_record_score_is_a_one_sample_test_by_hand(tmp_path, capsys):
+    """--vs BPB: the record's nats by our seeds' nats per BPB, less the 0.005-nat margin."""
+    losses = [1.8550, 1.8580, 1.8535]
+    logs = [write_log(tmp_path, f"s{i}.log", seed=i, loss=loss, bpb=round(loss / 1.6886, 8)) for i, loss in enumerate(losses)]
+    ratio = statistics.fmean(loss / round(loss / 1.6886, 8) for loss in losses)
+    target = 1.10272 * ratio - 0.005
+    t = (statistics.fmean(losses) - target) / (statistics.stdev(losses) / math.sqrt(3))
+    p = closed_form_t_cdf(t, 2)
+    status, _, err = run(*logs, "--vs", 1.10272, capsys=capsys)
+    assert 0.01 < p < 0.5 and status == 0
+    assert (f"one-sample t-test for beating the record by 0.005 nats: t={t:.3f} dof=2.0 p={p:.3g}; "
+            "the bar p < 0.01 is NOT met") in err
+    bpb = statistics.fmean(round(loss / 1.6886, 8) for loss in losses)
+    assert f"improvement: {1.10272 - bpb:+.6f} BPB, {1.10272 * ratio - statistics.fmean(losses):+.6f} nats" in err
+
+
 def test_welch_test_by_hand():
     ours, theirs = [1.0, 1.1, 0.9], [1.3, 1.5, 1.4, 1.2]
     t, dof, p = submission.welch_p_value(ours, theirs, margin=0.0)
@@ -247,11 +287,26 @@ def test_plot_without_matplotlib_is_a_clear_message(tmp_path, capsys, monkeypatc
     assert status == 2 and "--plot needs matplotlib" in err and not (tmp_path / "loss.png").exists()
 
 
-def test_plot_with_matplotlib(tmp_path, capsys):
-    pytest.importorskip("matplotlib")
+def test_plot_with_matplotlib(tmp_path, capsys, monkeypatch):
+    """Each seed's train curve and validation points, labelled, against the step."""
+    figure_module = pytest.importorskip("matplotlib.figure")
+    drawn = []
+    save = figure_module.Figure.savefig
+    monkeypatch.setattr(figure_module.Figure, "savefig", lambda self, *args, **kwargs: (drawn.append(self), save(self, *args, **kwargs)))
     logs = [write_log(tmp_path, f"s{seed}.log", seed=seed) for seed in (1, 2)]
     status, _, _ = run(*logs, "--plot", tmp_path / "loss.png", capsys=capsys)
-    assert status == 0 and (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG")
+    png = (tmp_path / "loss.png").read_bytes()
+    assert status == 0 and png.startswith(b"\x89PNG") and (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (1080, 600)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.png", "s1.log", "s2.log"]
+    ((axis,),) = [figure.axes for figure in drawn]
+    assert (axis.get_xlabel(), axis.get_ylabel()) == ("step", "loss (nats/token)")
+    lines = {line.get_label(): line for line in axis.get_lines()}
+    assert list(lines) == ["seed 1 train", "seed 1 val", "seed 2 train", "seed 2 val"]
+    assert [list(lines["seed 2 train"].get_xdata()), list(lines["seed 2 train"].get_ydata())] == [[100], [2.5]]
+    assert [list(lines["seed 1 val"].get_xdata()), list(lines["seed 1 val"].get_ydata())] == [[200], [2.1]]
+    assert lines["seed 1 val"].get_marker() == "o" and lines["seed 1 train"].get_alpha() == 0.7
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == list(lines)
+    assert drawn[0].get_size_inches().tolist() == [9, 5]
 
 
 def test_command_line(tmp_path):
@@ -530,3 +585,193 @@ def test_check_logs_is_what_main_reports(tmp_path):
     assert submission.check_logs([write_log(tmp_path, "a.log", seed=1), write_log(tmp_path, "b.log", seed=2)]) == []
     late = write_log(tmp_path, train_ms=600_500, calibration_ms=None)
     assert submission.check_logs([late]) == [f"{late}: rule violation: training took 600.5 s (limit 600 s)"]
+
+
+# What each line of a log is read as, field by field, and the exact limits and notes.
+def test_each_line_is_read_into_its_own_fields(tmp_path):
+    extra = "step:300/20000 train_loss:2.3000 train_time:26400ms step_avg:88.50ms\n"
+    log = submission.parse_log(write_log(tmp_path, stop=extra))
+    assert log.seed == 1 and log.steps == 300 and log.train_time_ms == 26_400 and log.step_avg_ms == 88.5
+    assert log.train_points == [(100, 2.5), (300, 2.3)] and log.val_points == [(200, 2.1, 1.24)]
+    assert log.model_bytes == 15_700_000 and log.total_bytes == 15_720_000 and submission.code_bytes(log) == 20_000
+    assert log.scores["final_int6_sliding_window_exact"] == (1.86, 1.1015)
+    assert log.eval_times_ms == {"final_int6_roundtrip": 6000, "final_int6_sliding_window": 165_000}
+
+
+def test_code_bytes_need_both_sizes(tmp_path):
+    text = log_text().replace("Serialized model int6+brotli: 15700000 bytes\n", "")
+    (tmp_path / "run.log").write_text(text)
+    log = submission.parse_log(tmp_path / "run.log")
+    assert log.total_bytes == 15_720_000 and log.model_bytes is None and submission.code_bytes(log) is None
+
+
+@pytest.mark.parametrize("line, note", [
+    ("step:200/20000 val_loss:nan val_bpb:1.2400 train_time:1ms step_avg:1.00ms", "val_loss is nan at step 200"),
+    ("step:200/20000 val_loss:2.1000 val_bpb:inf train_time:1ms step_avg:1.00ms", "val_loss is 2.1000 at step 200"),
+    ("final_int6_roundtrip_exact val_loss:nan val_bpb:1.13000000", "final_int6_roundtrip_exact is val_loss:nan val_bpb:1.13000000"),
+    ("final_int6_roundtrip_exact val_loss:1.90000000 val_bpb:nan", "final_int6_roundtrip_exact is val_loss:1.90000000 val_bpb:nan"),
+])
+def test_each_non_finite_value_is_noted_with_its_line(tmp_path, line, note):
+    path = tmp_path / "run.log"
+    path.write_text(log_text() + line + "\n")
+    assert submission.parse_log(path).not_finite == [note]
+    assert submission.not_finite_note(submission.parse_log(path)) == f"{path}: not finite: {note}"
+
+
+def test_a_non_finite_final_score_is_noted(tmp_path):
+    path = write_log(tmp_path, final=final_score("final_int6_sliding_window_exact", "nan"))
+    assert submission.parse_log(path).not_finite == ["final_score is val_bpb:nan"]
+
+
+@pytest.mark.parametrize("field, limit", [("train_ms", 600_000), ("eval_ms", 600_000 - 6_000)])
+def test_the_time_limits_are_inclusive(tmp_path, capsys, field, limit):
+    """600 s exactly is within the rules; one millisecond more is not."""
+    settings = {"calibration_ms": None} if field == "train_ms" else {}
+    at = write_log(tmp_path, "at.log", **{field: limit}, **settings)
+    status, _, err = run(at, capsys=capsys)
+    assert status == 0 and "rule violation" not in err
+    over = write_log(tmp_path, "over.log", **{field: limit + 1}, **settings)
+    status, _, err = run(over, capsys=capsys)
+    assert status == 1 and "rule violation" in err
+
+
+def test_shared_settings_leave_out_only_the_per_seed_ones():
+    assert submission.shared_settings("none") == "none"
+    assert submission.shared_settings("SEED=1 RUN_ID=a=b ARTIFACT_PATH=x TTT_LR=0.01") == "TTT_LR=0.01"
+    assert submission.shared_settings("SEED=1 RUN_ID=a") == "none"
+    assert submission.shared_settings("DATA_PATH=/d=1 SEED=2") == "DATA_PATH=/d=1"
+
+
+def test_a_log_that_is_not_utf8_is_read_with_replacement_characters(tmp_path):
+    path = tmp_path / "run.log"
+    path.write_bytes(log_text().encode().replace(b"log: /runs", b"log: /r\xffns\xc3\xa9"))
+    lines = submission.read_lines(path)
+    assert lines[0] == "log: /r\ufffdns\u00e9/logs/seed1.txt"
+
+
+def test_an_unreadable_line_is_named_and_shown_cut_at_120_characters(tmp_path, capsys):
+    long_value = "x" * 200
+    path = write_log(tmp_path, extra=f"stopping_early: {long_value}\n")
+    status, _, err = run(path, capsys=capsys)
+    assert one_line_error(status, err, f"{path}: line ")
+    assert err.strip().endswith(repr(f"stopping_early: {long_value}"[:120])) and "known reasons: " in err
+
+
+def test_truncation_and_non_finite_notes_say_exactly_what_the_log_holds(tmp_path):
+    path = tmp_path / "cut.log"
+    path.write_text(log_text().split("ema:applying")[0])
+    log = submission.parse_log(path)
+    assert submission.truncation_note(log) == (f"{path}: truncated log (killed run?): reached step 200, last val_bpb 1.24; "
+                                               "no artifact size was logged; scores: none")
+    path.write_text(log_text().split("DIAGNOSTIC")[0] + "Total submission size int6+brotli: 5 bytes\n")
+    log = submission.parse_log(path)
+    assert submission.truncation_note(log).endswith("; an artifact size was logged; scores: none")
+    path.write_text("seed:7\nstep:3/10 train_loss:nan train_time:1ms step_avg:1.00ms\n")
+    log = submission.parse_log(path)
+    assert submission.truncation_note(log) == f"{path}: truncated log (killed run?): reached step 3; no artifact size was logged; scores: none"
+    assert submission.not_finite_note(log) == f"{path}: not finite: train_loss is nan at step 3"
+    path.write_text("seed:7\nstep:3/10 train_loss:nan train_time:1ms step_avg:1.00ms\n"
+                    "step:4/10 train_loss:inf train_time:2ms step_avg:1.00ms\n")
+    assert submission.not_finite_note(submission.parse_log(path)).endswith(" (and 1 more)")
+    assert submission.evaluation_time(log) is None
+
+
+def test_the_same_log_twice_names_both_paths(tmp_path, capsys):
+    first = write_log(tmp_path, "a.log")
+    second = tmp_path / "b.log"
+    second.write_text(first.read_text())
+    status, _, err = run(first, second, capsys=capsys)
+    assert one_line_error(status, err, str(first), str(second))
+
+
+def test_help_names_every_option_and_the_json_defaults_hold(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        submission.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: ") and " ".join(submission.__doc__.split()[:8]) in text
+    for option, meaning in [("--score {roundtrip,sliding,slot,ttt}", "which final line counts in logs without a final_score line "
+                             "(default: sliding, the sliding-window exact BPB)"),
+                            ("--write WRITE", "write the JSON here instead of stdout"),
+                            ("--vs VS", "a record's mean BPB to compare against"),
+                            ("--vs-logs VS_LOGS [VS_LOGS ...]", "the record's own logs"),
+                            ("--plot PLOT", "draw train/val loss against step (PNG)")]:
+        assert f"{option} {meaning}" in text
+    status, out, _ = run(write_log(tmp_path), capsys=capsys)
+    made = json.loads(out)
+    assert (made["author"], made["name"], made["track"]) == ("", "", "10min_16mb")
+    assert made["date"] == __import__("datetime").date.today().isoformat()
+
+
+def test_a_score_marked_not_causal_for_another_reason_says_so(tmp_path, capsys):
+    path = write_log(tmp_path, final=final_score("final_int6_sliding_window_exact", "1.10150000", "window", causal="no",
+                                                 accepted="no"))
+    status, _, err = run(path, capsys=capsys)
+    assert status == 1 and err.splitlines()[-1] == (f"{path}: rule violation: final_score says causal:no: "
+                                                    "the trainer marked the counted score as not causal")
+
+
+def test_logs_that_count_different_scores_are_listed(tmp_path, capsys):
+    ttt = write_log(tmp_path, "ttt.log", seed=1, extra=TTT_LINES, final=final_score())
+    plain = write_log(tmp_path, "plain.log", seed=2)
+    status, _, err = run(ttt, plain, capsys=capsys)
+    assert one_line_error(status, err, f"count different scores ({ttt}: legal_ttt_exact, {plain}: "
+                                       "final_int6_sliding_window_exact); give logs of one setting")
+
+
+def test_check_logs_counts_the_score_it_is_asked_for(tmp_path):
+    path = tmp_path / "record.log"
+    path.write_text(log_text(final="").replace("code: ", "old: "))  # no final_score line: --score decides
+    assert submission.check_logs([path], "sliding") == []
+    assert submission.check_logs([path], "ttt") == [f"{path}: rule violation: no final score (legal_ttt_exact)"]
+
+
+def test_seeds_with_several_slot_modes_name_them_all(tmp_path, capsys):
+    logs = [write_log(tmp_path, f"{mode}.log", seed=seed, final=final_score("final_int6_sliding_window_exact", "1.10150000", mode,
+                                                                           accepted="no"))
+            for seed, mode in ((1, "window"), (2, "batch_causal"))]
+    _, _, err = run(*logs, capsys=capsys)
+    assert "is a SLOT score (slot:batch_causal, window), which the challenge has never accepted" in err
+
+
+def test_the_mean_and_spread_are_rounded_to_8_decimals(tmp_path, capsys):
+    logs = [write_log(tmp_path, f"s{seed}.log", seed=seed, bpb=bpb) for seed, bpb in ((1, 1.123456789), (2, 1.123456781))]
+    _, out, _ = run(*logs, capsys=capsys)
+    made = json.loads(out)
+    assert (made["val_bpb"], made["val_bpb_std"]) == (1.12345679, 1e-8)
+
+
+def test_a_welch_test_runs_when_both_sides_spread_alike(tmp_path, capsys):
+    ours = [write_log(tmp_path, f"o{i}.log", seed=i, loss=loss, bpb=round(loss / 1.6886, 8)) for i, loss in enumerate((1.80, 1.81))]
+    theirs = [write_log(tmp_path, f"t{i}.log", seed=i, loss=loss, bpb=round(loss / 1.6886, 8)) for i, loss in enumerate((1.85, 1.86))]
+    _, _, err = run(*ours, "--vs-logs", *theirs, capsys=capsys)
+    assert "Welch t-test for beating the record by 0.005 nats: t=-6.364 dof=2.0 p=0.0119" in err
+
+
+def test_a_record_log_without_the_counted_score_skips_the_comparison(tmp_path, capsys):
+    ours = write_log(tmp_path, "ours.log", seed=1)
+    theirs = write_log(tmp_path, "theirs.log", seed=2, final="", loss="nan", bpb="nan")
+    _, _, err = run(ours, "--vs-logs", theirs, capsys=capsys)
+    assert "comparison: skipped, the record's logs have no finite final_int6_sliding_window_exact score" in err
+
+
+def test_a_single_seed_or_identical_seeds_say_why_there_is_no_t_test(tmp_path, capsys):
+    _, _, err = run(write_log(tmp_path, "a.log"), "--vs", 1.2, capsys=capsys)
+    assert err.splitlines()[-1] == "significance: needs at least 2 seeds on each side with logs (1 is not enough for a t-test)"
+    same = [write_log(tmp_path, f"s{i}.log", seed=i) for i in (1, 2)]
+    _, _, err = run(*same, "--vs", 1.2, capsys=capsys)
+    assert err.splitlines()[-1] == "significance: every seed scored exactly the same, so a t-test is undefined"
+
+
+def test_a_record_below_one_bpb_is_a_record(tmp_path, capsys):
+    status, _, err = run(write_log(tmp_path), "--vs", 0.95, capsys=capsys)
+    assert status == 0 and "improvement: -0.151500 BPB" in err
+
+
+def test_a_plot_into_a_folder_is_refused_even_without_write(tmp_path, capsys):
+    status, _, err = run(write_log(tmp_path), "--plot", tmp_path, capsys=capsys)
+    assert one_line_error(status, err) and err == f"error: --plot {tmp_path}: is a folder; give a file name\n"
+
+
+def test_main_reads_the_command_line_when_given_nothing(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["submission.py", str(write_log(tmp_path))])
+    assert submission.main() == 0 and json.loads(capsys.readouterr().out)["seed_results"]["1"]["steps"] == 200
