@@ -6,9 +6,12 @@ The project is installed (`pip install -e .`), so `trainer` is the readable sour
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import shutil
 import socket
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from trainer.artifact import encode_artifact, quantize_state, running_code
-from trainer.data import build_smoke_corpus
+from trainer.data import SMOKE_TEXT, build_smoke_corpus
 from trainer.evaluation import Window, sliding_windows
 from trainer.main import run_cli
 from trainer.model import GPT, ModelConfig
@@ -104,12 +107,30 @@ def tokenizer():
     return sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
 
 
-@pytest.fixture(scope="session")
-def smoke_corpus(tmp_path_factory, tokenizer) -> Path:
-    """Real English tokens (the smoke run's corpus) in shards, built once per session."""
-    folder = tmp_path_factory.mktemp("smoke_corpus")
-    build_smoke_corpus(folder, tokenizer, TOKENIZER)
+def built_once(tokenizer_path: Path) -> Path:
+    """The smoke corpus made with this tokenizer, built once per machine: in the system's
+    temporary folder, named by what it is made of, and renamed into place whole (test
+    processes run side by side under mutation testing). Tests only read it."""
+    import sentencepiece
+
+    made_of = hashlib.sha256()
+    for path in (tokenizer_path, ROOT / SMOKE_TEXT, ROOT / "src" / "trainer" / "data.py", ROOT / "src" / "trainer" / "shards.py"):
+        made_of.update(path.read_bytes())
+    folder = Path(tempfile.gettempdir()) / f"parameter-golf-smoke-{made_of.hexdigest()[:16]}"
+    if not (folder / MANIFEST).is_file():
+        building = Path(tempfile.mkdtemp(prefix=f"{folder.name}-"))
+        build_smoke_corpus(building, sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_path)), tokenizer_path)
+        try:
+            os.rename(building, folder)
+        except OSError:  # another process renamed its copy into place first
+            shutil.rmtree(building)
     return folder
+
+
+@pytest.fixture(scope="session")
+def smoke_corpus() -> Path:
+    """Real English tokens (the smoke run's corpus) in shards."""
+    return built_once(TOKENIZER)
 
 
 @pytest.fixture(scope="session")
@@ -126,10 +147,7 @@ def quick_corpus(tmp_path_factory, smoke_corpus) -> Path:
 def quick_corpus_8192(tmp_path_factory) -> Path:
     """The smoke corpus with the SP8192 tokenizer (PROFILE=pr1493's), its validation cut to
     2,049 tokens."""
-    import sentencepiece
-
-    full = tmp_path_factory.mktemp("smoke_corpus_8192")
-    build_smoke_corpus(full, sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER_8192)), TOKENIZER_8192)
+    full = built_once(TOKENIZER_8192)
     folder = tmp_path_factory.mktemp("quick_corpus_8192")
     for name in ("fineweb_train_000000.bin", MANIFEST):
         (folder / name).symlink_to(full / name)

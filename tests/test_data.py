@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from trainer.data import CoprimeSampler, ShardCursor, ShuffledSampler, build_smoke_corpus, load_validation_tokens, shard_paths
+from trainer.data import (CoprimeSampler, ShardCursor, ShuffledSampler, build_smoke_corpus, load_validation_tokens, make_sampler,
+                          shard_paths)
+from trainer.files import file_sha256
 from trainer.main import load_data
 from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters, InputError
@@ -200,3 +203,140 @@ def test_the_shuffled_sampler_draws_shards_by_what_they_have_left(tmp_path):
 def test_the_shuffled_sampler_refuses_ranks_without_shards(tmp_path):
     with pytest.raises(InputError, match="2 shards cannot give each of 4 ranks its own"):
         shuffled(tmp_path, [330, 170], rank=3, world=4, accum=1)
+
+
+def coprime_steps_by_hand(names, sizes, seq_len, windows, world_size, steps, start_step):
+    """The PR #1217 record's mix, written out: an RNG seeded by FNV-1a of the shard names;
+    each step, `mix` shards (8 -> 32 over 1,800 steps, at least the world size, at most
+    what there is) drawn without replacement with p ~ blocks left ^ (0.9 -> 0.5), one
+    window each plus a multinomial share of the rest, taken in a random shard order, each
+    shard's windows shuffled, then dealt round-robin in a fresh random order each round."""
+    seed = 0xCBF29CE484222325
+    for byte in "\n".join(names).encode():
+        seed = ((seed ^ byte) * 0x100000001B3) % 2**64
+    rng, cursors, drawn = np.random.Generator(np.random.PCG64(seed)), {}, []
+    eligible = [i for i, size in enumerate(sizes) if size > seq_len]
+    for step in range(start_step, start_step + steps):
+        progress = min(step / 1800, 1.0)
+        left = np.array([max(cursors[s].remaining, 1) if s in cursors else (sizes[s] - 1) // seq_len for s in eligible], float)
+        p = left ** (0.9 - 0.4 * progress)
+        p = p / p.sum()
+        low = min(max(8, world_size), len(eligible), windows)
+        high = min(max(32, 8 * world_size), len(eligible), windows)
+        mix = max(1, round(low + progress * (high - low)))
+        chosen = rng.choice(len(eligible), size=mix, replace=False, p=p)
+        counts = 1 + (rng.multinomial(windows - mix, p[chosen] / p[chosen].sum()) if windows > mix else np.zeros(mix, int))
+        buckets = []
+        for k in rng.permutation(mix):
+            shard = eligible[chosen[k]]
+            if shard not in cursors:
+                cursors[shard] = ShardCursor(sizes[shard], seq_len, rng)
+            offsets = cursors[shard].take(int(counts[k]))
+            buckets.append([(shard, offsets[j]) for j in rng.permutation(len(offsets))])
+        step_windows = []
+        while buckets:
+            buckets = [buckets[k] for k in rng.permutation(len(buckets))]
+            step_windows += [bucket.pop() for bucket in buckets]
+            buckets = [bucket for bucket in buckets if bucket]
+        drawn.append(step_windows)
+    return drawn
+
+
+@pytest.mark.parametrize("world_size, windows, start_step", [(1, 24, 0), (2, 40, 900), (4, 8, 5000), (1, 3, 0)])
+def test_the_coprime_mix_is_the_records_step_by_step(tmp_path, world_size, windows, start_step):
+    sizes = [3000, 17, 16, 900, 64 * 40 + 1, 5000, 250, 65, 1200, 64, 7000, 333, 2500] + [400 + 37 * i for i in range(30)]
+    pattern = make_shards(tmp_path, sizes)
+    sampler = CoprimeSampler(pattern, 16, windows, 0, world_size, 1)
+    sampler.steps_drawn = start_step
+    names = [f"fineweb_train_{i:06d}.bin" for i in range(len(sizes))]
+    expected = coprime_steps_by_hand(names, sizes, 16, windows, world_size, 6, start_step)
+    assert [sampler.draw_step_windows() for _ in range(6)] == expected
+    assert sampler.steps_drawn == start_step + 6
+
+
+
+def shuffled_batches_by_hand(sizes, seq_len, per_micro_step, rank, world_size, micro_steps):
+    """The PR #1493 record's loader, written out: rank r reads shards r, r + world, ...; an
+    RNG seeded by the rank; per shard a phase inside a window and its window starts in a
+    random order (taken from the end); each row from a shard drawn by windows left; when
+    every shard is used up, new orders for all."""
+    rng = np.random.Generator(np.random.PCG64(rank))
+    mine = [(i, size) for i, size in enumerate(sizes)][rank::world_size]
+
+    def starts_of(size):
+        max_phase = min(seq_len - 1, max(0, size - seq_len - 1))
+        phase = int(rng.integers(max_phase + 1)) if max_phase > 0 else 0
+        return [phase + seq_len * int(k) for k in rng.permutation(max((size - 1 - phase) // seq_len, 0))]
+
+    starts = [starts_of(size) for _, size in mine]
+    batches = []
+    for _ in range(micro_steps):
+        rows = []
+        for _ in range(per_micro_step):
+            if not any(starts):
+                starts = [starts_of(size) for _, size in mine]
+            left = np.array([len(s) for s in starts], float)
+            k = int(rng.choice(len(mine), p=left / left.sum()))
+            start = starts[k].pop()
+            rows.append((mine[k][0], start))
+        batches.append(rows)
+    return batches
+
+
+@pytest.mark.parametrize("rank, world_size, accum", [(0, 1, 2), (1, 2, 1), (2, 3, 2)])
+def test_the_shuffled_sampler_is_the_records_loader_row_by_row(tmp_path, rank, world_size, accum):
+    sizes = [200, 17, 90, 16, 400, 33, 150]
+    for i, size in enumerate(sizes):  # token k of shard i is 1000 * i + k: a row names its shard and start
+        write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", 1000 * i + np.arange(size))
+    runtime = Runtime(rank=rank, world_size=world_size, accum_steps=accum)
+    sampler = make_sampler(Hyperparameters.from_env({"TRAIN_SAMPLER": "shuffled", "DATA_PATH": str(tmp_path),
+                                                     "TRAIN_SEQ_LEN": "16", "TRAIN_BATCH_TOKENS": str(16 * 6 * world_size * accum),
+                                                     "VOCAB_SIZE": "65536"}), runtime)
+    assert isinstance(sampler, ShuffledSampler) and sampler.per_micro_step == 6
+    expected = shuffled_batches_by_hand(sizes, 16, 6, rank, world_size, 5 * accum)
+    got = []
+    for _ in range(5):
+        steps = sampler.next_step(runtime)
+        assert len(steps) == accum
+        for inputs, targets in steps:
+            assert inputs.dtype == torch.int64 and torch.equal(inputs[:, 1:], targets[:, :-1]) and inputs.shape == (6, 16)
+            got.append([(int(row[0]) // 1000, int(row[0]) % 1000) for row in inputs])
+    assert got == expected
+
+
+def test_the_coprime_sampler_is_made_from_the_settings(tmp_path):
+    make_shards(tmp_path, [500, 600])
+    runtime = Runtime(rank=1, world_size=2, accum_steps=3)
+    sampler = make_sampler(Hyperparameters.from_env({"DATA_PATH": str(tmp_path), "TRAIN_SEQ_LEN": "16",
+                                                     "TRAIN_BATCH_TOKENS": str(16 * 12)}), runtime)
+    assert isinstance(sampler, CoprimeSampler) and (sampler.seq_len, sampler.windows_per_step) == (16, 12)
+    assert (sampler.rank, sampler.world_size, sampler.accum_steps) == (1, 2, 3) and sampler.steps_drawn == 0
+    with pytest.raises(InputError, match=r"^TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN=10 windows is not allowed: must be a multiple "
+                                         r"of WORLD_SIZE\*GRAD_ACCUM_STEPS=6$"):
+        CoprimeSampler(str(tmp_path / "fineweb_train_*.bin"), 16, 10, 1, 2, 3)
+    with pytest.raises(InputError, match=r"fineweb_train_\*.bin: no shard holds a full window of 1001 tokens$"):
+        CoprimeSampler(str(tmp_path / "fineweb_train_*.bin"), 1000, 6, 0, 1, 1)
+    with pytest.raises(InputError, match=r"^TRAIN_BATCH_TOKENS/TRAIN_SEQ_LEN=10 windows is not allowed: must be a multiple "
+                                         r"of WORLD_SIZE\*GRAD_ACCUM_STEPS=6$"):
+        ShuffledSampler(str(tmp_path / "fineweb_train_*.bin"), 16, 10, 1, 2, 3)
+    with pytest.raises(InputError, match=r"fineweb_train_\*.bin: no shard of rank 1 holds a full window of 601 tokens$"):
+        ShuffledSampler(str(tmp_path / "fineweb_train_*.bin"), 600, 2, 1, 2, 1)
+
+
+def test_validation_keeps_whole_sequences_and_one_target(tmp_path):
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(256))
+    tokens = load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 64, 1024, Runtime())
+    assert tokens.dtype == torch.int64 and tokens.tolist() == list(range(193))  # 255 targets hold 3 whole sequences
+    write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(2))
+    assert load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 1, 1024, Runtime()).tolist() == [0, 1]
+    with pytest.raises(InputError, match=r"fineweb_val_\*.bin: 2 validation tokens are fewer than one sequence of 2$"):
+        load_validation_tokens(str(tmp_path / "fineweb_val_*.bin"), 2, 1024, Runtime())
+
+
+def test_the_smoke_corpus_manifest_names_its_text_and_tokenizer(tmp_path, tokenizer):
+    build_smoke_corpus(tmp_path, tokenizer, TOKENIZER)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest == {"text": "data/smoke/pydoc_text.json.xz", "tokenizer_sha256": file_sha256(TOKENIZER)}
+    (tmp_path / "manifest.json").unlink()
+    build_smoke_corpus(tmp_path, tokenizer, TOKENIZER)  # both shards there: nothing is made, the manifest neither
+    assert not (tmp_path / "manifest.json").exists()

@@ -3,12 +3,15 @@ residuals, and that every parameter learns."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from trainer.data import make_sampler
-from trainer.model import BigramHash, GPT, ModelConfig, QATLinear, apply_rotary, remove_self_value, rotary_tables, soft_round_to_grid
+from trainer.model import (BigramHash, GPT, ModelConfig, QATLinear, apply_rotary, enable_flash_attention_3, remove_self_value,
+                           rotary_tables, soft_round_to_grid)
 from trainer.optimizer import build_optimizers
 from trainer.runtime import Runtime
 from trainer.settings import Hyperparameters
@@ -216,9 +219,10 @@ def attention_by_hand(q, k, v):
     return torch.einsum("bhts,bshd->bthd", scores.softmax(-1), v)
 
 
-def reference_forward(model, tokens, visits, encoder_length):
+def reference_forward(model, tokens, visits, encoder_length, record=None):
     """(final hidden states, logits, NLL) of tokens[:, 1:] from tokens[:, :-1]; `visits`: the
-    layers in the order the forward runs them, the first `encoder_length` of them the encoder."""
+    layers in the order the forward runs them, the first `encoder_length` of them the encoder.
+    `record`: a list to append, per visit, the inputs of its four linear maps to."""
     c, p = model.config, {name: value.detach().double() for name, value in model.named_parameters()}
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     batch, length = inputs.shape
@@ -258,6 +262,8 @@ def reference_forward(model, tokens, visits, encoder_length):
         attended = x + p[prefix + "attn_scale"] * (y.reshape(batch, length, -1) @ p["qo_bank"][layers + layer].T)
         mlp_input = normed if 0 <= c.parallel_residual_start <= layer else rms(attended) / (layer + 1) ** 0.5
         hidden = F.leaky_relu(mlp_input @ p["mlp_up_bank"][layer].T, c.negative_slope).square()
+        if record is not None:
+            record.append((layer, {"qkv": normed, "out": y.reshape(batch, length, -1), "up": mlp_input, "down": hidden}))
         x = attended + p[prefix + "mlp_scale"] * (hidden @ p["mlp_down_bank"][layer].T)
         if position < encoder_length:
             skips.append(x)
@@ -313,3 +319,55 @@ def test_every_control_tensor_starts_at_its_stated_value():
         rows, cols = matrix.shape
         product = matrix @ matrix.T if rows <= cols else matrix.T @ matrix
         assert torch.allclose(product, torch.eye(min(rows, cols)), atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, looping, visits, encoder_length", [
+    ({}, False, [0, 1, 2, 3, 4], 2),
+    (LOOPED, True, [0, 1, 2, 1, 2, 3, 4], 3),
+], ids=["pr1217", "pr1493_looping"])
+def test_gptq_capture_records_each_linear_maps_input_at_every_visit(settings, looping, visits, encoder_length):
+    model = noisy_model(distinct_hp(**settings)).double()
+    model.looping = looping
+    tokens = torch.randint(0, model.config.vocab_size, (2, 25), generator=torch.Generator().manual_seed(4))
+    expected = []
+    reference_forward(model, tokens, visits, encoder_length, expected)
+    records = model.capture_inputs(True)
+    with torch.no_grad():
+        model.forward_hidden(tokens[:, :-1])
+    for layer, (attention, mlp) in enumerate(records):
+        visited = [inputs for visit, inputs in expected if visit == layer]
+        assert len(attention["qkv"]) == len(attention["out"]) == len(mlp["up"]) == len(mlp["down"]) == len(visited)
+        for k, inputs in enumerate(visited):
+            for key, captured in (("qkv", attention), ("out", attention), ("up", mlp), ("down", mlp)):
+                assert torch.allclose(captured[key][k], inputs[key], rtol=0, atol=1e-6), (layer, key, k)
+    assert model.capture_inputs(False) == [(None, None)] * 5
+    assert all(block.attn.captured is None and block.mlp.captured is None for block in model.blocks)
+
+
+def test_the_stored_config_is_the_function_without_the_init_fields():
+    config = ModelConfig.from_settings(distinct_hp())
+    fields = config.function_fields()
+    assert "qk_gain_init" not in fields and "tied_embed_init_std" not in fields
+    assert fields["ve_layers"] == [1, 3] and fields["mlp_hidden"] == 120 and fields["rope_dims"] == 4
+    assert len(fields) == len(dataclasses.fields(ModelConfig)) - 2
+    assert ModelConfig.from_settings(distinct_hp(ROPE_DIMS="0")).rope_dims == 8  # 0: the whole head
+    assert ModelConfig.from_settings(distinct_hp(VE_ENABLED="0")).ve_layers == ()
+
+
+def test_flash_attention_3_is_only_for_hopper_gpus():
+    assert not enable_flash_attention_3(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sharpness", [1.0, 4.0])
+def test_soft_rounding_is_its_formula_and_stays_on_the_grid(sharpness):
+    """floor(w/s) + sigmoid(k (frac - 1/2)), per-row s = max|w| / N floored at 1/N, then
+    clamped to [-N, N] (the row's largest value would land above N otherwise)."""
+    weight = torch.randn(6, 40) * torch.tensor([0.001, 0.02, 0.5, 1, 3, 8])[:, None]  # float32, as the function works
+    weight[3] = weight[3].clamp(-1.9, 1.9)
+    weight[3, 7] = 31 / 16  # a scale of exactly 1/16: this value lands on 31 + sigmoid(-k/2) before the clamp
+    scale = (weight.abs().amax(1) / 31).clamp_min(1 / 31)[:, None]
+    scaled = weight / scale
+    expected = (scaled.floor() + torch.sigmoid(sharpness * (scaled - scaled.floor() - 0.5))).clamp(-31, 31) * scale
+    soft = soft_round_to_grid(weight, torch.tensor(sharpness), 31)
+    assert torch.allclose(soft, expected, rtol=1e-6, atol=0)
+    assert soft[3, 7] == 31 / 16

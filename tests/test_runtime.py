@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import warnings
 
 from pathlib import Path
 
@@ -58,7 +59,7 @@ RENDEZVOUS = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 
 
 def test_world_size_must_divide_eight():
-    with pytest.raises(InputError, match=r"WORLD_SIZE=3 is not allowed: must divide 8"):
+    with pytest.raises(InputError, match=r"^WORLD_SIZE=3 is not allowed: must divide 8 \(1, 2, 4 or 8 processes\), or set GRAD_ACCUM_STEPS$"):
         start_runtime(tiny_hp(GRAD_ACCUM_STEPS="0"), {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", **RENDEZVOUS})
 
 
@@ -260,6 +261,8 @@ def test_without_reduce_scatter_the_whole_sum_is_kept_in_part(two_ranks, monkeyp
     assert fake.calls == [("all_reduce", dist.ReduceOp.SUM)] * 2
     second = Runtime(rank=1, world_size=2, reduce_scatter_works=False)
     assert torch.equal(second.reduce_scatter_mean(tensor, torch.float32).wait(), torch.cat((2 * tensor[3:], torch.zeros(1, 2))))
+    wide = torch.full((3, 8), 1.001)  # more columns than rows; sent in bfloat16, which rounds 1.001 to 1
+    assert torch.equal(second.reduce_scatter_mean(wide, torch.bfloat16).wait(), torch.cat((torch.full((1, 8), 2.0), torch.zeros(1, 8))))
 
 
 def test_all_gather_starts_one_gather(two_ranks):
@@ -277,20 +280,66 @@ def test_on_the_cpu_autocast_and_copies_change_nothing():
     runtime.synchronize()
 
 
-def test_compile_is_only_asked_for_where_it_is_enabled():
+def test_compile_is_only_asked_for_where_it_is_enabled(monkeypatch):
+    asked = []
+    monkeypatch.setattr(runtime_module.torch, "compile", lambda function, **options: asked.append((function, options)) or "compiled")
+
     def double(x):
         return 2 * x
 
-    assert Runtime().compile(double) is double
-    compiled = Runtime(compile_enabled=True, compile_backend="eager").compile(double)
-    assert compiled is not double and torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    assert Runtime().compile(double) is double and asked == []
+    assert Runtime(compile_enabled=True).compile(double) == "compiled"
+    assert asked == [(double, {"dynamic": False, "fullgraph": True, "backend": "inductor"})]
 
-    def breaks(x):
-        torch._dynamo.graph_break()
-        return x + 1
 
-    with pytest.raises(Exception, match="graph_break|graph break"):  # fullgraph: a graph break fails loudly
-        Runtime(compile_enabled=True, compile_backend="eager").compile(breaks)(torch.ones(2))
+def test_autocast_is_bfloat16_on_cuda_only():
+    for device in ("cpu", "cuda"):
+        with warnings.catch_warnings():  # this machine has no CUDA, which torch says when asked for it
+            warnings.simplefilter("ignore")
+            context = Runtime(device=torch.device(device)).autocast()
+        assert (context.device, context.fast_dtype) == ("cuda", torch.bfloat16)
+
+
+class Launcher:
+    """torch.distributed's init_process_group, recorded."""
+
+    def __init__(self):
+        self.groups = []
+
+    def init_process_group(self, backend, device_id=None):
+        self.groups.append((backend, device_id))
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+def test_a_rank_of_two_joins_its_group_on_its_device(monkeypatch, cuda):
+    launcher, chosen = Launcher(), []
+    monkeypatch.setattr(runtime_module, "dist", launcher)
+    monkeypatch.setattr(runtime_module.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(runtime_module.torch.cuda, "set_device", chosen.append)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_num_threads())
+    try:
+        runtime = start_runtime(tiny_hp(GRAD_ACCUM_STEPS="0", COMPILE="auto"),
+                                {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", **RENDEZVOUS})
+        device = torch.device("cuda", 1) if cuda else torch.device("cpu")
+        assert (runtime.rank, runtime.world_size, runtime.local_rank, runtime.device) == (1, 2, 1, device)
+        assert runtime.accum_steps == 4 and type(runtime.accum_steps) is int and runtime.compile_enabled == cuda
+        assert launcher.groups == [("nccl", device) if cuda else ("gloo", None)] and chosen == ([device] if cuda else [])
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == ((True, True) if cuda else flags[:2])
+        assert torch.get_num_threads() == 1  # the smoke run's two threads, shared by two ranks
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags[:2]
+        torch.set_num_threads(flags[2])
+
+
+def test_one_process_joins_no_group(monkeypatch):
+    launcher = Launcher()
+    monkeypatch.setattr(runtime_module, "dist", launcher)
+    threads = torch.get_num_threads()
+    try:
+        start_runtime(tiny_hp(), {})
+    finally:
+        torch.set_num_threads(threads)
+    assert launcher.groups == []
 
 
 @pytest.mark.parametrize("settings, accum, compiled", [({"GRAD_ACCUM_STEPS": "0"}, 8, False), ({"GRAD_ACCUM_STEPS": "3"}, 3, False),
@@ -326,11 +375,12 @@ def test_a_log_folder_that_cannot_be_made_is_one_line(tmp_path):
         create_log_file(Path("/proc/nonesuch/r.txt"))
     made = create_log_file(tmp_path / "deep" / "er" / "r.txt")
     assert made.read_text() == "" and made == tmp_path / "deep" / "er" / "r.txt"
+    assert create_log_file(tmp_path / "deep" / "er" / "s.txt").exists()  # another run's log beside it
 
 
 def test_an_artifact_folder_is_made_and_the_probe_removed(tmp_path):
-    check_writable(tmp_path / "new" / "model.ptz", "ARTIFACT_PATH")
-    assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+    check_writable(tmp_path / "new" / "er" / "model.ptz", "ARTIFACT_PATH")
+    assert (tmp_path / "new" / "er").is_dir() and list((tmp_path / "new" / "er").iterdir()) == []
     with pytest.raises(InputError, match=r"^ARTIFACT_PATH='/proc/nonesuch/m.ptz' is not allowed: cannot write there "
                                          r"\(No such file or directory: /proc/nonesuch\)$"):
         check_writable(Path("/proc/nonesuch/m.ptz"), "ARTIFACT_PATH")

@@ -56,6 +56,7 @@ def test_the_smoke_run_is_bounded_by_steps():
     ({"EMA_DECAY": "1"}, "EMA_DECAY=1.0 is not allowed: must lie in [0, 1)"),
     ({"ROPE_DIMS": "1"}, "ROPE_DIMS=1 is not allowed: must be 0 (all) or even in 4..the head dim"),
     ({"ROPE_DIMS": "66"}, "ROPE_DIMS=66 is not allowed: must be 0 (all) or even in 4..the head dim"),
+    ({"ROPE_DIMS": "5"}, "ROPE_DIMS=5 is not allowed: must be 0 (all) or even in 4..the head dim"),
     ({"RUN_ID": ".hidden"}, "RUN_ID='.hidden' is not allowed: letters, digits, '.', '_' and '-' (at most 128, not starting "
                             "with '.'): it names logs/<RUN_ID>.txt"),
     ({"ARTIFACT_PATH": "out/.."}, "ARTIFACT_PATH='out/..' is not allowed: a file name, optionally in a folder"),
@@ -208,7 +209,7 @@ def test_the_readme_documents_every_setting_as_this_module_has_it():
 
 
 @pytest.mark.parametrize("environ", [
-    {"ROPE_DIMS": "0"}, {"ROPE_DIMS": "4"}, {"ROPE_DIMS": "6"}, {"ROPE_DIMS": "64"}, {"MLP_MULT": "1.015625"},
+    {"ROPE_DIMS": "0"}, {"ROPE_DIMS": "4"}, {"ROPE_DIMS": "6"}, {"ROPE_DIMS": "64"}, {"MLP_MULT": "1.001953125"},
     {"BIGRAM_VOCAB_SIZE": "2"}, {"BIGRAM_VOCAB_SIZE": "0"}, {"VE_LAYERS": "0,10"}, {"XSA_LAST_N": "11"},
     {"EVAL_STRIDE": "2048"}, {"GPTQ_RESERVE_MS": "599999"}, {"NUM_LOOPS": "1", "LOOP_START": "4", "LOOP_END": "4"},
     {"NEGATIVE_SLOPE": "1"}, {"NEGATIVE_SLOPE": "0"}, {"SEED": "4294967295"},
