@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import re
 import signal
@@ -16,10 +17,11 @@ import pytest
 import trainer.main as main_module
 from trainer.artifact import running_code
 from trainer.evaluation import EvalResult
-from trainer.main import explain_score, log_run_header
+from trainer.files import file_sha256
+from trainer.main import check_data_tokenizer, explain_score, load_tokenizer, log_model, log_run_header, log_time_budget
 from trainer.runtime import Runtime, Terminated
 from trainer.settings import Hyperparameters, InputError, RunError
-from conftest import QUICK_RUN, ROOT, TOKENIZER_8192, run_in_process, run_log
+from conftest import QUICK_RUN, ROOT, TOKENIZER, TOKENIZER_8192, run_in_process, run_log
 
 
 def quick_settings(quick_corpus) -> dict[str, str]:
@@ -234,3 +236,68 @@ def test_the_gpu_is_described_by_name_capability_driver_and_cuda(monkeypatch, sm
     assert described == f"gpu:NVIDIA H100 #3 capability:9.0 driver:{driver} cuda:12.8"
     assert asked == [(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                       {"capture_output": True, "text": True, "timeout": 10})]
+
+
+def logged_by(function, *args):
+    """The lines `function` logs, and what it returns."""
+    lines, runtime = [], Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    returned = function(*args, runtime)
+    return lines, returned
+
+
+def test_the_header_names_the_machine_torch_python_and_seed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    lines, _ = logged_by(log_run_header, Hyperparameters.from_env({"SMOKE": "1", "SEED": "42", "SAFETY_CAP_SECONDS": "0"}))
+    assert lines[0] == "log: none" and lines[2] == "profile: pr1217 smoke" and lines[3] == "settings_changed: SEED=42 SAFETY_CAP_SECONDS=0.0"
+    assert lines[4:] == [f"hardware: 1xCPU ({os.cpu_count()} cores)", f"torch:{main_module.torch.__version__} python:{sys.version.split()[0]}",
+                         "seed:42"]
+
+
+def test_the_model_lines_say_its_size_xsa_layers_and_schedule():
+    hp = Hyperparameters.from_env({"SMOKE": "1", "NUM_LAYERS": "5", "XSA_LAST_N": "2", "MAX_WALLCLOCK_SECONDS": "12.5"})
+    model = main_module.GPT(main_module.ModelConfig.from_settings(hp))
+    lines, _ = logged_by(log_model, hp, model)
+    assert lines == [f"model_params:{sum(p.numel() for p in model.parameters())}", "XSA:last_2 active_layers:[3, 4]",
+                     "world_size:1 grad_accum_steps:1",
+                     "attention_backend:sdpa attention_mode:gqa num_heads:4 num_kv_heads:2",
+                     "tie_embeddings:True embed_lr:0.035 head_lr:0.0 matrix_lr:0.03 scalar_lr:0.025",
+                     "train_batch_tokens:8192 train_seq_len:256 iterations:150 warmup_steps:2 max_wallclock_seconds:12.500 "
+                     "safety_cap_seconds:3600.000"]
+
+
+@pytest.mark.parametrize("cap, calibration, expected", [
+    ("0", 5.0, []),
+    ("600", 5.0, ["time_budget: training 590000ms + gptq calibration 5000ms = 595000ms of MAX_WALLCLOCK_SECONDS=600000ms"]),
+    ("600", 10.5, ["time_budget: training 590000ms + gptq calibration 10500ms = 600500ms of MAX_WALLCLOCK_SECONDS=600000ms",
+                   "warning: training and GPTQ calibration took 600.5s, over MAX_WALLCLOCK_SECONDS; calibration needed "
+                   "10500ms of GPTQ_RESERVE_MS=9000"]),
+    ("600", 10.0, ["time_budget: training 590000ms + gptq calibration 10000ms = 600000ms of MAX_WALLCLOCK_SECONDS=600000ms"]),
+])
+def test_the_time_budget_adds_calibration_to_training(cap, calibration, expected):
+    training = main_module.TrainingTime(ms=590_000.0, steps=100, stopped=None)
+    lines, _ = logged_by(log_time_budget, Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": cap}), training, calibration)
+    assert lines == expected
+
+
+def test_a_tokenizer_that_cannot_serve_is_named_with_the_reason(tmp_path):
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    for path, reason in [(tmp_path / "none.model", "no such file"), (tmp_path, "not a regular file")]:
+        with pytest.raises(InputError, match=rf"^TOKENIZER_PATH='{re.escape(str(path))}' is not allowed: {reason}$"):
+            load_tokenizer(Hyperparameters.from_env({"TOKENIZER_PATH": str(path)}))
+    with pytest.raises(InputError, match=r"junk.model' is not allowed: not a SentencePiece model \("):
+        load_tokenizer(Hyperparameters.from_env({"TOKENIZER_PATH": str(tmp_path / "junk.model")}))
+    with pytest.raises(InputError, match=rf"^VOCAB_SIZE=8192 is not allowed: the tokenizer {re.escape(str(TOKENIZER))} has 1024 pieces$"):
+        load_tokenizer(Hyperparameters.from_env({"TOKENIZER_PATH": str(TOKENIZER), "VOCAB_SIZE": "8192"}))
+    tokenizer, sha256 = load_tokenizer(Hyperparameters.from_env({"TOKENIZER_PATH": str(TOKENIZER)}))
+    assert tokenizer.vocab_size() == 1024 and sha256 == file_sha256(TOKENIZER)
+
+
+def test_the_data_manifest_decides_whether_the_tokenizer_matches(tmp_path):
+    hp = Hyperparameters.from_env({"DATA_PATH": str(tmp_path), "TOKENIZER_PATH": "t.model"})
+    assert check_data_tokenizer(hp, "ab" * 32) == "the data records no tokenizer"
+    (tmp_path / "manifest.json").write_text(json.dumps({"tokenizer_sha256": "ab" * 32}))
+    assert check_data_tokenizer(hp, "ab" * 32) == "matches the data's manifest"
+    with pytest.raises(InputError, match=rf"^TOKENIZER_PATH='t.model' is not allowed: {re.escape(str(tmp_path))}'s manifest says its "
+                                         "shards were made with tokenizer sha256 abababababababab, this one is cdcdcdcdcdcdcdcd$"):
+        check_data_tokenizer(hp, "cd" * 32)

@@ -25,7 +25,8 @@ from trainer.settings import Hyperparameters, InputError
 from conftest import ROOT, tiny_hp
 
 
-@pytest.mark.parametrize("version, fine", [("2.13.0+cpu", True), ("2.5.1", True), ("2.4.1+cu121", False), ("1.13.0", False)])
+@pytest.mark.parametrize("version, fine", [("2.13.0+cpu", True), ("2.5.1", True), ("2.6.0a0+git1234", True),
+                                           ("2.4.1+cu121", False), ("1.13.0", False)])
 def test_torch_version_floor(version, fine):
     if fine:
         check_torch_version(version)
@@ -43,7 +44,8 @@ def test_a_run_id_is_never_reused(tmp_path, monkeypatch):
     hp = tiny_hp(RUN_ID="mine", ARTIFACT_PATH=str(tmp_path / "a.ptz"))
     open_run_files(hp, Runtime())
     assert (tmp_path / "logs" / "mine.txt").read_text() == ""
-    with pytest.raises(InputError, match=r"RUN_ID='mine' is not allowed: logs/mine.txt already holds another run's log"):
+    with pytest.raises(InputError, match=r"^RUN_ID='mine' is not allowed: logs/mine.txt already holds another run's log "
+                                         r"\(choose another RUN_ID or remove that file\)$"):
         open_run_files(hp, Runtime())
 
 
@@ -405,3 +407,16 @@ def test_progress_prints_its_line_at_most_every_period_and_only_on_rank_0(capsys
     Progress(Runtime(rank=1, world_size=2), "TTT passes", 4, every=0.0).advance()
     assert capsys.readouterr().out == "  TTT passes: 1/4, 6s so far, ~18s left\n"
     assert progress.done == 2
+
+
+def test_progress_takes_a_given_estimate_and_says_every_ten_seconds_by_default():
+    seen = []
+    progress = Progress(Runtime(), "SLOT steps", 10, watch=lambda label, left: seen.append(left))
+    progress.update(2, seconds_left=99.0)
+    assert seen == [99.0] and progress.every == 10.0
+
+
+def test_start_up_reads_the_process_environment_by_default(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(InputError, match=r"^WORLD_SIZE='abc' is not allowed: expected an integer"):
+        start_runtime(tiny_hp())
