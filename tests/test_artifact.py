@@ -3,8 +3,10 @@ artifact format and its bounds, the 16 MB accounting, a run's own artifact."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import pickle
 import resource
 import zlib
@@ -14,12 +16,14 @@ import numpy as np
 import pytest
 import torch
 
+import trainer.artifact as artifact_module
 from trainer.artifact import (ARTIFACT_MAGIC, HEAD_INPUT, ArtifactReport, ClipRule, artifact_target, bank_matrix_names,
                               body_limit, byte_shuffle, collect_hessians, decode_artifact, decode_pairs, dequantize_rows,
                               encode_artifact, encode_pairs, storage_of,
                               export_artifact, file_signature, gptq_quantize, hessian_error, load_quantized_model,
                               quantize_rows_int6, quantize_rows_int8, quantize_state, read_artifact, rebank, round_to_grid,
-                              row_scales, sdclip_scales, unbank)
+                              row_scales, running_code, sdclip_scales, unbank)
+from trainer.data import make_sampler
 from trainer.model import ModelConfig
 from trainer.runtime import Runtime
 from trainer.settings import InputError, RunError
@@ -415,9 +419,29 @@ def test_export_writes_what_it_scores_and_says_where(tmp_path, calibration_data)
     lines = []
     runtime = Runtime()
     runtime.log = lambda message, console=True: lines.append(message)
+    model = tiny_model(hp)
+    report = export_artifact(hp, model, runtime, tmp_path / "m.ptz")
+    blob = (tmp_path / "m.ptz").read_bytes()
+    assert blob == report.blob and report.path == tmp_path / "m.ptz" and runtime.stage == "during quantisation"
+    assert 0 < report.calibration_seconds and report.code_bytes == running_code().shipped_bytes
+    _, meta = decode_artifact(blob, "m.ptz", body_limit(model.config))
+    assert meta["model"] == model.config.function_fields()
+    quantised = sum(scheme != "fp16" for scheme in meta["schemes"].values())
+    assert re.fullmatch(rf"gptq_quantize: 12 GPTQ matrices, {quantised - 12} rounded per row, [\d.]+s in all", lines[2])
+    assert lines[3:] == [f"Serialized model int6+brotli: {len(blob)} bytes", f"Code size: {report.code_bytes} bytes",
+                         f"Total submission size int6+brotli: {len(blob) + report.code_bytes} bytes",
+                         f"artifact: {tmp_path / 'm.ptz'} sha256:{hashlib.sha256(blob).hexdigest()[:16]}"]
+
+
+def test_an_artifact_over_the_limit_says_by_how_much(tmp_path, calibration_data, monkeypatch):
+    monkeypatch.setattr(artifact_module, "SIZE_LIMIT_BYTES", 1000)
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    hp = tiny_hp(**calibration_data)
     report = export_artifact(hp, tiny_model(hp), runtime, tmp_path / "m.ptz")
-    assert (tmp_path / "m.ptz").read_bytes() == report.blob and report.calibration_seconds > 0
-    assert any(line.startswith(f"artifact: {tmp_path / 'm.ptz'} sha256:") for line in lines)
+    assert report.over_limit and lines[-2] == (f"SIZE LIMIT EXCEEDED: {report.total_bytes} bytes is {report.total_bytes - 1000} bytes "
+                                               "over the 1000 limit; this run cannot be submitted (exit status 1)")
 
 
 def test_non_finite_weights_are_never_exported(tmp_path, calibration_data):
@@ -484,3 +508,23 @@ def test_crafted_pairs_are_refused(chunk, message):
     blob = forged_blob([["x", "int8pairs", [4]]], chunk)
     with pytest.raises(InputError, match=message):
         decode_artifact(blob, "forged.ptz", 10**6)
+
+
+def test_hessians_are_the_mean_input_products_over_the_calibration_batches(calibration_data):
+    hp = tiny_hp(**{**calibration_data, "GPTQ_CALIB_SAMPLES": "3"})
+    model, runtime = tiny_model(hp), Runtime()
+    hessians = collect_hessians(hp, model, runtime)
+    assert all(block.attn.captured is None and block.mlp.captured is None for block in model.blocks) and model.training
+    sampler, by_hand = make_sampler(hp, runtime), {}
+    for _ in range(3):
+        (inputs, _), = sampler.next_step(runtime)
+        records = model.capture_inputs(True)
+        with torch.no_grad():
+            model.forward_hidden(inputs)
+        for layer, (attention, mlp) in enumerate(records):
+            for key, (x,) in {**attention, **mlp}.items():
+                x = x.flatten(0, -2)
+                by_hand[f"blocks.{layer}.{key}"] = by_hand.get(f"blocks.{layer}.{key}", 0) + x.T @ x / x.size(0) / 3
+    model.capture_inputs(False)
+    assert hessians.keys() == by_hand.keys()
+    assert all(torch.allclose(hessians[name], by_hand[name], rtol=1e-5, atol=1e-7) for name in by_hand)

@@ -309,7 +309,8 @@ def test_every_control_tensor_starts_at_its_stated_value():
     assert torch.equal(model.skip_weights, torch.ones(2, 48)) and torch.equal(model.skip_gates, torch.zeros(2, 48))
     assert model.bigram.scale.item() == pytest.approx(0.05) and not model.bigram.table.weight.any()
     assert model.value_embed.scale.item() == pytest.approx(0.1) and model.smear.gate.abs().sum() == 0
-    assert [p.item() for p in model.value_embed.layer_scales] == [1.0, 1.0]
+    assert [p.item() for p in model.value_embed.layer_scales] == [1.0, 1.0] and model.looping is False
+    assert all(block.parallel for block in tiny_model(distinct_hp(PARALLEL_RESIDUAL_START="0")).blocks)
     assert model.tok_emb.weight.std().item() == pytest.approx(0.005, rel=0.05)
     assert model.value_embed.table.weight.std().item() == pytest.approx(0.01, rel=0.05)
     for bank in (model.qo_bank, model.kv_bank, model.mlp_up_bank, model.mlp_down_bank):
@@ -351,6 +352,7 @@ def test_the_stored_config_is_the_function_without_the_init_fields():
     assert fields["ve_layers"] == [1, 3] and fields["mlp_hidden"] == 120 and fields["rope_dims"] == 4
     assert len(fields) == len(dataclasses.fields(ModelConfig)) - 2
     assert ModelConfig.from_settings(distinct_hp(ROPE_DIMS="0")).rope_dims == 8  # 0: the whole head
+    assert type(ModelConfig.from_settings(distinct_hp(ROPE_DIMS="0")).rope_dims) is int
     assert ModelConfig.from_settings(distinct_hp(VE_ENABLED="0")).ve_layers == ()
 
 
