@@ -530,3 +530,34 @@ def test_with_slot_switches_slot_and_keeps_the_mode_when_off():
     assert (with_slot(hp, "off").slot_enabled, with_slot(hp, "off").slot_mode) == (False, "batch_causal")
     assert (with_slot(hp, "shared").slot_enabled, with_slot(hp, "shared").slot_mode) == (True, "shared")
     assert with_slot(tiny_hp(SLOT_MODE="shared"), "off").slot_mode == "shared"
+
+
+@pytest.mark.parametrize("mode", CAUSAL_SLOT_MODES)
+def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode):
+    """window: one delta per window fitted to the mean NLL of its already-scored positions;
+    batch_causal: one delta per batch, fitted to the mean over the batch's; AdamW with
+    weight decay 1e-8 and eps 1e-5, SLOT_STEPS steps; then the scored positions through it."""
+    hp = tiny_hp(SLOT_MODE=mode, EVAL_STRIDE="16", EVAL_BATCH_SEQS="5", SLOT_STEPS="3", SLOT_LR="0.05")
+    model, tokens = noisy_model(hp).eval().requires_grad_(False), val_tokens(300)
+    windows = sliding_windows(299, 64, 16, True)
+    got = list(sliding_scores(model, tokens, windows, hp, Runtime(), True))
+    for batch, first in zip(got, range(0, len(windows), 5)):
+        rows = windows[first : first + 5]
+        inputs = torch.stack([tokens[w.start : w.start + 64] if w.end - w.start == 64 else torch.cat((tokens[w.start : w.end], torch.zeros(64 - (w.end - w.start), dtype=torch.int64))) for w in rows])
+        targets = torch.stack([tokens[w.start + 1 : w.start + 65] if w.end - w.start == 64 else torch.cat((tokens[w.start + 1 : w.end + 1], torch.zeros(64 - (w.end - w.start), dtype=torch.int64))) for w in rows])
+        hidden = model.forward_hidden(inputs).float()
+        known = min(w.first_scored for w in rows)
+        mask = torch.tensor([[w.start + p < (w.first_scored if mode == "window" else known) for p in range(64)] for w in rows], dtype=torch.float32)
+        delta = torch.zeros(len(rows) if mode == "window" else 1, 1, hidden.size(-1), requires_grad=True)
+        adam = torch.optim.AdamW([delta], lr=0.05, weight_decay=1e-8, eps=1e-5)
+        weights = mask / (mask.sum(1, keepdim=True) if mode == "window" else mask.sum()).clamp_min(1)
+        for _ in range(3):
+            adam.zero_grad()
+            logits = model.logits(hidden + delta).float()
+            (F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none") * weights.flatten()).sum().backward()
+            adam.step()
+        offset = min(w.first_scored - w.start for w in rows)
+        with torch.no_grad():
+            logits = model.logits(hidden + delta)[:, offset:]
+        nll = F.cross_entropy(logits.flatten(0, 1), targets[:, offset:].flatten(), reduction="none").view(len(rows), -1)
+        assert torch.allclose(batch.slot_nll[batch.scored], nll[batch.scored], rtol=1e-5, atol=1e-6)
