@@ -543,8 +543,8 @@ def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode):
     got = list(sliding_scores(model, tokens, windows, hp, Runtime(), True))
     for batch, first in zip(got, range(0, len(windows), 5)):
         rows = windows[first : first + 5]
-        inputs = torch.stack([tokens[w.start : w.start + 64] if w.end - w.start == 64 else torch.cat((tokens[w.start : w.end], torch.zeros(64 - (w.end - w.start), dtype=torch.int64))) for w in rows])
-        targets = torch.stack([tokens[w.start + 1 : w.start + 65] if w.end - w.start == 64 else torch.cat((tokens[w.start + 1 : w.end + 1], torch.zeros(64 - (w.end - w.start), dtype=torch.int64))) for w in rows])
+        inputs, targets = (torch.stack([F.pad(tokens[w.start + shift : w.end + shift], (0, 64 - (w.end - w.start))) for w in rows])
+                           for shift in (0, 1))  # zero-padded after a short window's end
         hidden = model.forward_hidden(inputs).float()
         known = min(w.first_scored for w in rows)
         mask = torch.tensor([[w.start + p < (w.first_scored if mode == "window" else known) for p in range(64)] for w in rows], dtype=torch.float32)
