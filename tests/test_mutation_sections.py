@@ -23,6 +23,7 @@ def test_the_table_mutates_one_module_and_selects_its_tests():
     assert table["only_mutate"] == ["src/trainer/model.py"]
     assert table["pytest_add_cli_args_test_selection"][:3] == ["tests/test_model.py", "-m", "not packed"]
     assert table["source_paths"] == ["src/", "tools/"] and table["process_isolation"] == "forkserver"
+    assert table["timeout_constant"] == 30.0
 
 
 def test_the_summary_counts_timeouts_as_killed():
