@@ -257,8 +257,8 @@ def damaged_blobs():
     middle = len(blob) // 2
     checksum = "truncated or corrupt (checksum mismatch)"
     yield "flipped", blob[:middle] + bytes([blob[middle] ^ 0xFF]) + blob[middle + 1:], checksum
-    for cut in (len(ARTIFACT_MAGIC), middle, len(blob) - 1):
-        yield f"truncated{cut}", blob[:cut], checksum
+    for where, cut in (("magic", len(ARTIFACT_MAGIC)), ("half", middle), ("last_byte", len(blob) - 1)):
+        yield f"truncated_after_{where}", blob[:cut], checksum
     stream = blob[len(ARTIFACT_MAGIC) + 4:]
     yield "cut_with_its_checksum", with_checksum(stream[:-1]), "truncated or corrupt (the brotli stream ends early)"
     yield "garbage_with_a_checksum", with_checksum(bytes(range(256)) * 4), "truncated or corrupt (brotli stream does not decode)"
