@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import statistics
@@ -699,7 +700,7 @@ def test_help_names_every_option_and_the_json_defaults_hold(tmp_path, capsys):
     status, out, _ = run(write_log(tmp_path), capsys=capsys)
     made = json.loads(out)
     assert (made["author"], made["name"], made["track"]) == ("", "", "10min_16mb")
-    assert made["date"] == __import__("datetime").date.today().isoformat()
+    assert made["date"] == datetime.date.today().isoformat()
 
 
 def test_a_score_marked_not_causal_for_another_reason_says_so(tmp_path, capsys):
