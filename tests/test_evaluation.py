@@ -3,6 +3,7 @@ the PR #1217 record's leaky SLOT reproduced for comparison, the labels and the b
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import re
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 import trainer.evaluation as evaluation_module
 from trainer.evaluation import (CAUSAL_SLOT_MODES, EvalData, EvalResult, EvaluationClock, ScoreSum, Window, build_token_bytes,
                                 count_bytes, evaluate_artifact, evaluate_sliding, evaluate_standard, evaluate_ttt,
-                                evaluation_windows, log_result, rank_share, record_1217_windows, score_kind, sliding_scores,
-                                sliding_windows, ttt_scores, with_slot)
-from trainer.runtime import Runtime
+                                evaluation_windows, log_result, rank_share, record_1217_windows, score_kind, slot_label,
+                                sliding_scores, sliding_windows, ttt_scores, with_slot)
+from trainer.runtime import Progress, Runtime
 from trainer.settings import SLOT_MODES
 from trainer.shards import BOS_ID
 from conftest import ROOT, TOKENIZER_8192, batch_layouts, nll_by_ordinal, noisy_model, tiny_hp, ttt_layout
@@ -172,7 +173,9 @@ def per_ordinal_nll(hp, tokens, ttt=False, model=None):
     model = model or noisy_model(hp)
     runtime, slot, count = Runtime(), hp.slot_enabled and hp.slot_steps > 0, tokens.numel() - 1
     if ttt:
-        nll = nll_by_ordinal(ttt_scores(model, tokens, hp, runtime), ttt_layout(hp, count), count, False)
+        batches = list(ttt_scores(model, tokens, hp, runtime))
+        assert all(batch.slot_nll is None for batch in batches)  # TTT scores without SLOT
+        nll = nll_by_ordinal(batches, ttt_layout(hp, count), count, False)
     else:
         windows = evaluation_windows(hp, count, slot)
         batches = sliding_scores(model.eval().requires_grad_(False), tokens, windows, hp, runtime, slot)
@@ -415,14 +418,14 @@ def test_slot_evaluation_reports_progress_after_every_step(byte_table, monkeypat
     assert seen == [(done, 5 * batches) for done in range(1, 5 * batches + 1)]
 
 
-def test_ttt_reports_progress_after_every_pass(byte_table, monkeypatch):
+@pytest.mark.parametrize("count, chunk_tokens, chunks", [(400, 128, 4), (401, 100, 4), (402, 100, 5)])
+def test_ttt_reports_progress_after_every_pass(byte_table, monkeypatch, count, chunk_tokens, chunks):
     """A huge TTT_EPOCHS is seen at once: progress counts each chunk's scoring and each epoch
-    of training on it, not finished chunks."""
+    of training on it, not finished chunks (count - 1 ordinals; the last chunk may be short)."""
     seen = []
     monkeypatch.setattr(evaluation_module.Progress, "update", lambda self, done, seconds_left=None: seen.append((done, self.total)))
-    hp = tiny_hp(**{**TTT, "TTT_EPOCHS": "3"})
-    evaluate_ttt(noisy_model(hp), data_of(val_tokens(400), byte_table), hp, Runtime())
-    chunks = -(-399 // 128)
+    hp = tiny_hp(**{**TTT, "TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": str(chunk_tokens)})
+    evaluate_ttt(noisy_model(hp), data_of(val_tokens(count), byte_table), hp, Runtime())
     assert seen == [(done, chunks + 3 * (chunks - 1)) for done in range(1, chunks + 3 * (chunks - 1) + 1)]
 
 
@@ -532,14 +535,17 @@ def test_with_slot_switches_slot_and_keeps_the_mode_when_off():
     assert with_slot(tiny_hp(SLOT_MODE="shared"), "off").slot_mode == "shared"
 
 
+@pytest.mark.parametrize("stride", [16, 63])
 @pytest.mark.parametrize("mode", CAUSAL_SLOT_MODES)
-def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode):
+def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode, stride):
     """window: one delta per window fitted to the mean NLL of its already-scored positions;
     batch_causal: one delta per batch, fitted to the mean over the batch's; AdamW with
-    weight decay 1e-8 and eps 1e-5, SLOT_STEPS steps; then the scored positions through it."""
-    hp = tiny_hp(SLOT_MODE=mode, EVAL_STRIDE="16", EVAL_BATCH_SEQS="5", SLOT_STEPS="3", SLOT_LR="0.05")
+    weight decay 1e-8 and eps 1e-5, SLOT_STEPS steps; then the scored positions through it.
+    The model is 96 wide, so a delta shaped by the window length instead would not fit."""
+    hp = tiny_hp(SLOT_MODE=mode, EVAL_STRIDE=str(stride), EVAL_BATCH_SEQS="5", SLOT_STEPS="3", SLOT_LR="0.05",
+                 MODEL_DIM="96", NUM_HEADS="2", NUM_KV_HEADS="2")
     model, tokens = noisy_model(hp).eval().requires_grad_(False), val_tokens(300)
-    windows = sliding_windows(299, 64, 16, True)
+    windows = sliding_windows(299, 64, stride, True)
     got = list(sliding_scores(model, tokens, windows, hp, Runtime(), True))
     for batch, first in zip(got, range(0, len(windows), 5)):
         rows = windows[first : first + 5]
@@ -547,7 +553,8 @@ def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode):
                            for shift in (0, 1))  # zero-padded after a short window's end
         hidden = model.forward_hidden(inputs).float()
         known = min(w.first_scored for w in rows)
-        mask = torch.tensor([[w.start + p < (w.first_scored if mode == "window" else known) for p in range(64)] for w in rows], dtype=torch.float32)
+        mask = torch.tensor([[w.start + p < (w.first_scored if mode == "window" else known) for p in range(64)] for w in rows],
+                            dtype=torch.float32)
         delta = torch.zeros(len(rows) if mode == "window" else 1, 1, hidden.size(-1), requires_grad=True)
         adam = torch.optim.AdamW([delta], lr=0.05, weight_decay=1e-8, eps=1e-5)
         weights = mask / (mask.sum(1, keepdim=True) if mode == "window" else mask.sum()).clamp_min(1)
@@ -561,3 +568,172 @@ def test_causal_slot_scores_are_a_plain_fit_of_the_delta(byte_table, mode):
             logits = model.logits(hidden + delta)[:, offset:]
         nll = F.cross_entropy(logits.flatten(0, 1), targets[:, offset:].flatten(), reduction="none").view(len(rows), -1)
         assert torch.allclose(batch.slot_nll[batch.scored], nll[batch.scored], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_tokens, clip", [(191, 0.5), (192, 1e9)], ids=["191_clipped", "192_unclipped"])
+def test_ttt_is_score_first_then_sgd_on_each_chunk_as_a_plain_loop_does_it(byte_table, chunk_tokens, clip):
+    """Chunk by chunk: its windows scored by the model as trained so far; then, for every
+    chunk but the last, TTT_EPOCHS of SGD with momentum (one optimiser for the whole run)
+    over the chunk's whole sequences (whose targets lie inside it: two of 64 in 191 tokens,
+    three in 192) in batches of TTT_BATCH_SEQS (the last one short), gradient-clipped, at
+    the chunk's cosine learning rate; the first TTT_FREEZE_BLOCKS blocks never train."""
+    hp = tiny_hp(**{**TTT, "TTT_CHUNK_TOKENS": str(chunk_tokens), "TTT_GRAD_CLIP": str(clip), "EVAL_STRIDE": "32",
+                    "TTT_LR": "0.5"})
+    model, tokens = noisy_model(hp), val_tokens(3 * chunk_tokens - 20)
+    count = tokens.numel() - 1
+    result = evaluate_ttt(model, data_of(tokens, byte_table), hp, Runtime())
+    model = copy.deepcopy(model)
+    params = [param.requires_grad_(not name.startswith("blocks.0.")) for name, param in model.named_parameters()]
+    trained = [param for param in params if param.requires_grad]
+    sgd = torch.optim.SGD(trained, lr=0.5, momentum=0.9)
+    nll = 0.0
+    for chunk in range(3):
+        model.eval()
+        with torch.no_grad():
+            for start, end, first in windows_by_hand(count, 64, 32, True):
+                if first // chunk_tokens == chunk:
+                    window_nll = model.token_nll(tokens[None, start:end], tokens[None, start + 1 : end + 1])[0]
+                    nll += window_nll[first - start :].double().sum().item()
+        if chunk == 2:
+            break
+        for group in sgd.param_groups:
+            group["lr"] = 0.5 * (1 + math.cos(math.pi * chunk / 2)) / 2
+        first_token, last_target = chunk * chunk_tokens, (chunk + 1) * chunk_tokens
+        starts = [first_token + 64 * k for k in range(3) if first_token + 64 * k + 64 <= last_target]
+        model.train()
+        for _ in range(2):
+            for batch in (starts[:2], starts[2:]):
+                if batch:
+                    rows = torch.stack([tokens[s : s + 65] for s in batch])
+                    sgd.zero_grad()
+                    model(rows[:, :-1], rows[:, 1:]).backward()
+                    torch.nn.utils.clip_grad_norm_(trained, clip)
+                    sgd.step()
+    assert result.tokens == count and result.nll == pytest.approx(nll, rel=1e-6)
+
+
+def test_every_evaluation_phase_reports_its_progress_to_the_console_and_the_clock(byte_table, monkeypatch, capsys):
+    monkeypatch.setattr(Progress.__init__, "__defaults__", (0.0, None))  # a line after every unit of work
+    watched = []
+    monkeypatch.setattr(EvaluationClock, "watch", lambda self, label, seconds_left: watched.append(label))
+    hp = tiny_hp(**{**SLOT, **TTT, "SLOT_ENABLED": "1", "SLOT_MODE": "shared", "SLOT_STEPS": "2", "EVAL_BATCH_SEQS": "6",
+                    "EVAL_STRIDE": "32"})
+    evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(400), byte_table), Runtime())
+    plain_batches = -(-len(windows_by_hand(399, 64, 32, True)) // 6)  # 12 windows
+    slot_batches = -(-len(record_1217_windows(399, 64, 32)) // 6)  # the shared layout's 13
+    assert (plain_batches, slot_batches) == (2, 3)
+    expected = ([f"sliding evaluation ({plain_batches} batches)"] * plain_batches
+                + [f"sliding evaluation with SLOT ({slot_batches} batches)"] * (2 * slot_batches)
+                + ["TTT passes (scoring a chunk, or an epoch on it)"] * (4 + 3 * 2))  # 399 ordinals in chunks of 128
+    printed = [re.fullmatch(r"  (.+): (\d+)/(\d+), \d+s so far, ~\d+s left", line) for line in capsys.readouterr().out.splitlines()
+               if line.startswith("  ")]
+    assert [match.group(1) for match in printed] == expected and watched == expected
+    assert all(match.group(3) == str(expected.count(match.group(1))) for match in printed)
+
+
+def lines_of_a_whole_evaluation(byte_table, monkeypatch, seconds=12.3456, **settings) -> tuple[list[str], Runtime]:
+    monkeypatch.setattr(EvaluationClock, "seconds", property(lambda self: seconds))
+    hp = tiny_hp(**{**SLOT, "TTT_ENABLED": "0", **settings})
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    evaluate_artifact(hp, noisy_model(hp), data_of(val_tokens(400), byte_table), runtime)
+    return lines, runtime
+
+
+def test_a_whole_evaluation_logs_each_score_once_in_order(byte_table, monkeypatch):
+    lines, runtime = lines_of_a_whole_evaluation(byte_table, monkeypatch, SLOT_MODE="shared",
+                                                 **{**TTT, "SLOT_ENABLED": "1", "TTT_ENABLED": "1"})
+    scores = [re.sub(r"eval_time:\d+ms", "T", re.sub(r"val_loss:[\d.]+ val_bpb:[\d.]+", "V", line))
+              for line in lines[:-1] if not line.startswith("ttt_sliding:start ")]
+    assert scores == [
+        "final_int6_roundtrip V T", "final_int6_roundtrip_exact V",
+        "slot:mode shared is NOT causal (later windows' context holds earlier windows' scored tokens): not a legal score",
+        "final_int6_sliding_window V stride:16 T", "final_int6_sliding_window_exact V",
+        "final_int6_sliding_window_slot V stride:16 slot:shared T", "final_int6_sliding_window_slot_exact V",
+        "legal_ttt V T", "legal_ttt_exact V"]
+    assert re.fullmatch(r"final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes "
+                        r"eval_total_time:12346ms", lines[-1])
+    assert all(int(ms) < 60_000 for ms in re.findall(r"eval_time:(\d+)ms", "\n".join(lines)))
+    assert runtime.stage == "during evaluation"
+
+
+def test_a_counted_slot_score_is_followed_by_the_note_that_the_challenge_never_accepted_slot(byte_table, monkeypatch):
+    lines, _ = lines_of_a_whole_evaluation(byte_table, monkeypatch, seconds=700.0, SLOT_MODE="window")
+    warnings = [line for line in lines if line.startswith("warning: ")]  # the run's clock: past the budget at once
+    assert len(warnings) == 1 and re.fullmatch(r"warning: evaluation is on course for ~7\d\ds \(sliding evaluation with SLOT "
+                                               r"\(\d+ batches\)\), over the challenge's 600s for all evaluation", warnings[0])
+    assert lines[-2].startswith("final_score final_int6_sliding_window_slot_exact ")
+    assert lines[-1] == ("note: the counted score is a SLOT score, which the challenge has never accepted; "
+                         "final_int6_sliding_window above is the plain score, of a kind it has accepted")
+    assert not any(line.startswith("slot:mode shared") for line in lines)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("batch_tokens, per_batch", [(64 * 3, 3), (64, 1)])
+def test_standard_evaluation_batches_as_the_record_and_pads_only_compiled_runs(byte_table, compiled, batch_tokens, per_batch):
+    """Ten sequences of 64; a compiled run pads the short last batch to the others' shape."""
+    model, tokens = noisy_model(tiny_hp()), val_tokens(64 * 10 + 1)
+    shapes = []
+
+    def recording_nll(inputs, targets):
+        shapes.append(tuple(inputs.shape))
+        return model.token_nll(inputs, targets)
+
+    result = evaluate_standard(model, tokens, 64, batch_tokens, byte_table, Runtime(compile_enabled=compiled), recording_nll)
+    sizes = [min(per_batch, 10 - first) for first in range(0, 10, per_batch)]
+    assert shapes == [((per_batch if compiled else size), 64) for size in sizes]
+    plain = evaluate_standard(model, tokens, 64, 64 * 10, byte_table, Runtime())
+    assert result.tokens == plain.tokens == 640 and result.bytes == plain.bytes and result.nll == pytest.approx(plain.nll, rel=1e-6)
+
+
+def test_slot_with_no_steps_is_off():
+    assert slot_label(tiny_hp(SLOT_MODE="window", SLOT_STEPS="0")) == "off"
+    assert slot_label(tiny_hp(SLOT_MODE="window", SLOT_STEPS="1")) == "window"
+    assert slot_label(tiny_hp(SLOT_MODE="window", SLOT_STEPS="1", SLOT_ENABLED="0")) == "off"
+
+
+def test_an_estimate_of_exactly_the_budget_is_no_warning(monkeypatch):
+    monkeypatch.setattr(EvaluationClock, "seconds", property(lambda self: 100.0))
+    lines = []
+    runtime = Runtime()
+    runtime.log = lambda message, console=True: lines.append(message)
+    clock = EvaluationClock(runtime)
+    clock.watch("TTT passes", 500.0)
+    assert lines == []
+    clock.watch("TTT passes", 500.5)
+    assert lines == ["warning: evaluation is on course for ~600s (TTT passes), over the challenge's 600s for all evaluation"]
+
+
+def test_shared_slot_fits_on_the_records_first_positions_of_every_window():
+    """The PR #1217 record fits on positions [0, seq_len - stride - 1) of every window."""
+    windows = record_1217_windows(299, 64, 16)
+    assert evaluation_module.context_limits(windows, "shared", 64, 16) == [47] * len(windows)
+    assert evaluation_module.context_limits(windows, "shared", 64, 63) == [0] * len(windows)
+    assert evaluation_module.context_limits(windows, "shared", 64, 64) == [0] * len(windows)
+
+
+@pytest.mark.parametrize("mode", ["off", *CAUSAL_SLOT_MODES])
+def test_compiled_runs_pad_every_batch_to_one_shape_and_score_the_same(byte_table, mode):
+    """11 windows in batches of 4: the compiled run's last batch is padded with a fourth row,
+    which neither scores nor moves a SLOT fit."""
+    hp = tiny_hp(SLOT_MODE=mode if mode != "off" else "window", SLOT_ENABLED=str(int(mode != "off")), EVAL_STRIDE="24",
+                 EVAL_BATCH_SEQS="4", SLOT_STEPS="2", SLOT_LR="0.05")
+    model, tokens = noisy_model(hp).eval().requires_grad_(False), val_tokens(300)
+    windows = sliding_windows(299, 64, 24, True)
+    shapes = []
+
+    def recording_hidden(inputs):
+        shapes.append(tuple(inputs.shape))
+        return model.forward_hidden(inputs)
+
+    slot = mode != "off"
+    eager = list(sliding_scores(model, tokens, windows, hp, Runtime(), slot))
+    padded = list(sliding_scores(model, tokens, windows, hp, Runtime(compile_enabled=True), slot, recording_hidden))
+    assert len(windows) == 11 and shapes == [(4, 64)] * 3
+    for plain, compiled in zip(eager, padded, strict=True):
+        rows = plain.nll.size(0)
+        assert torch.equal(compiled.scored[:rows], plain.scored) and not compiled.scored[rows:].any()
+        assert torch.allclose(compiled.nll[:rows][plain.scored], plain.nll[plain.scored], rtol=1e-5, atol=1e-6)
+        if slot:
+            assert torch.allclose(compiled.slot_nll[:rows][plain.scored], plain.slot_nll[plain.scored], rtol=1e-5, atol=1e-6)
