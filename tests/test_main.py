@@ -15,12 +15,14 @@ import sys
 import pytest
 
 import trainer.main as main_module
-from trainer.artifact import running_code
+from trainer.artifact import ArtifactReport, running_code
+from trainer.data import load_validation_tokens
 from trainer.evaluation import EvalResult
 from trainer.files import file_sha256
 from trainer.main import check_data_tokenizer, explain_score, load_tokenizer, log_model, log_run_header, log_time_budget
 from trainer.runtime import Runtime, Terminated
 from trainer.settings import Hyperparameters, InputError, RunError
+from trainer.shards import read_shard
 from conftest import QUICK_RUN, ROOT, TOKENIZER, TOKENIZER_8192, run_in_process, run_log
 
 
@@ -95,7 +97,7 @@ def quick_run(tmp_path_factory, quick_corpus):
     return status, run_log(folder), console.getvalue(), folder
 
 
-def test_a_quick_run_writes_a_self_describing_log(quick_run):
+def test_a_quick_run_writes_a_self_describing_log(quick_run, quick_corpus):
     status, log, out, folder = quick_run
     lines = log.splitlines()
     assert status == 0
@@ -105,11 +107,41 @@ def test_a_quick_run_writes_a_self_describing_log(quick_run):
     assert lines[2] == "profile: pr1217 smoke" and lines[3].startswith("settings_changed: ") and "SEED=7" in lines[3]
     assert "warning: SLOT_STEP is not a setting (ignored); did you mean SLOT_STEPS?" in lines[4:6]
     assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)
+    hp = Hyperparameters.from_env(quick_settings(quick_corpus))
+    train_shards = [read_shard(path) for path in sorted(quick_corpus.glob("fineweb_train_*.bin"))]
+    validation = load_validation_tokens(hp.val_files, hp.eval_seq_len, hp.vocab_size, Runtime())
+    assert f"val_bpb:enabled tokenizer_kind=sentencepiece tokenizer_path={TOKENIZER}" in lines
+    assert (f"train_loader:dataset:{quick_corpus.name} train_shards:{len(train_shards)} "
+            f"tokens:{sum(shard.size for shard in train_shards)}") in lines
+    assert f"val_loader:shards pattern={hp.val_files} tokens:{validation.numel() - 1}" in lines  # ordinals scored
     assert re.search(r"^final_int6_sliding_window_slot_exact val_loss:[\d.]+ val_bpb:[\d.]+$", log, re.MULTILINE)
     assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
     assert f"Code size: {code.shipped_bytes} bytes" in log
     assert f"artifact: {folder / 'final_model.int6.ptz'}" in out and out.splitlines()[-1] == lines[0]
     assert "result:" not in log  # the explanation is for the smoke run as shipped only
+
+
+class Built(Exception):
+    pass
+
+
+def test_the_smoke_run_builds_its_corpus_only_in_its_own_folder(tmp_path, monkeypatch):
+    calls = []
+
+    def recording_build(*args):
+        calls.append(args)
+        raise Built  # the rest of load_data is another test's
+
+    monkeypatch.setattr(main_module, "build_smoke_corpus", recording_build)
+    hp = Hyperparameters.from_env({"SMOKE": "1"})
+    with pytest.raises(Built):
+        main_module.load_data(hp, Runtime())
+    ((data_path, tokenizer, tokenizer_path),) = calls
+    assert data_path == hp.data_path and tokenizer.vocab_size() == 1024 and tokenizer_path == TOKENIZER
+    elsewhere = Hyperparameters.from_env({"SMOKE": "1", "DATA_PATH": str(tmp_path)})
+    with pytest.raises(InputError):  # no shards there, and none made
+        main_module.load_data(elsewhere, Runtime())
+    assert len(calls) == 1 and list(tmp_path.iterdir()) == []
 
 
 def test_the_explanation_is_only_for_the_smoke_run_as_shipped():
@@ -266,6 +298,13 @@ def test_the_model_lines_say_its_size_xsa_layers_and_schedule():
                      "safety_cap_seconds:3600.000"]
 
 
+def test_the_model_lines_name_flash_attention_3_where_it_runs(monkeypatch):
+    monkeypatch.setattr(main_module, "enable_flash_attention_3", lambda device: True)
+    hp = Hyperparameters.from_env({"SMOKE": "1"})
+    lines, _ = logged_by(log_model, hp, main_module.GPT(main_module.ModelConfig.from_settings(hp)))
+    assert lines[3] == "attention_backend:flash_attention_3 attention_mode:gqa num_heads:4 num_kv_heads:2"
+
+
 @pytest.mark.parametrize("cap, calibration, expected", [
     ("0", 5.0, []),
     ("600", 5.0, ["time_budget: training 590000ms + gptq calibration 5000ms = 595000ms of MAX_WALLCLOCK_SECONDS=600000ms"]),
@@ -278,6 +317,43 @@ def test_the_time_budget_adds_calibration_to_training(cap, calibration, expected
     training = main_module.TrainingTime(ms=590_000.0, steps=100, stopped=None)
     lines, _ = logged_by(log_time_budget, Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": cap}), training, calibration)
     assert lines == expected
+
+
+def test_a_one_second_cap_gets_its_budget_line_too():
+    training = main_module.TrainingTime(ms=900.0, steps=2, stopped=None)
+    hp = Hyperparameters.from_env({"MAX_WALLCLOCK_SECONDS": "1", "GPTQ_RESERVE_MS": "200"})
+    lines, _ = logged_by(log_time_budget, hp, training, 0.05)
+    assert lines == ["time_budget: training 900ms + gptq calibration 50ms = 950ms of MAX_WALLCLOCK_SECONDS=1000ms"]
+
+
+@pytest.mark.parametrize("log_name, own_name", [("r7.txt", "m.r7.ptz"), (None, "m.run.ptz")])
+def test_a_run_hands_each_phase_what_the_one_before_made(tmp_path, monkeypatch, log_name, own_name):
+    """The phases with stand-ins: another process writes ARTIFACT_PATH during training, so
+    the run exports beside it under a name of its own (its log's, else "run"); the time
+    budget adds that export's calibration to training's time; what it wrote is scored."""
+    monkeypatch.chdir(tmp_path)
+    hp = Hyperparameters.from_env({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": "600", "ARTIFACT_PATH": str(tmp_path / "m.ptz")})
+    runtime, seen, lines, data = Runtime(log_path=tmp_path / log_name if log_name else None), {}, [], object()
+    runtime.log = lambda message, console=True: lines.append(message)
+
+    def train(hp, model, given, runtime):
+        assert given is data
+        (tmp_path / "m.ptz").write_bytes(b"another run's")
+        return main_module.TrainingTime(590_000.0, 100, None)
+
+    def export(hp, model, runtime, target):
+        target.write_bytes(b"blob")
+        return ArtifactReport(path=target, blob=b"blob", code_bytes=10, calibration_seconds=5.0)
+
+    monkeypatch.setattr(main_module, "load_data", lambda hp, runtime: data)
+    monkeypatch.setattr(main_module, "train", train)
+    monkeypatch.setattr(main_module, "export_artifact", export)
+    monkeypatch.setattr(main_module, "load_quantized_model",
+                        lambda config, blob, source, runtime: seen.setdefault("loaded", (blob, source)))
+    monkeypatch.setattr(main_module, "evaluate_artifact", lambda hp, model, given, runtime: EvalResult(1.0, 1.0, 1.0, 0.0))
+    assert main_module.run(hp, runtime) == 0
+    assert seen["loaded"] == (b"blob", str(tmp_path / own_name)) and (tmp_path / "m.ptz").read_bytes() == b"another run's"
+    assert "time_budget: training 590000ms + gptq calibration 5000ms = 595000ms of MAX_WALLCLOCK_SECONDS=600000ms" in lines
 
 
 def test_a_tokenizer_that_cannot_serve_is_named_with_the_reason(tmp_path):
