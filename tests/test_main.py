@@ -214,6 +214,21 @@ def test_every_way_a_run_ends_is_one_line_and_a_status(tmp_path, monkeypatch, ca
     assert (tmp_path / "logs" / "r.txt").read_text().splitlines()[-1] == line
 
 
+@pytest.mark.parametrize("settings, says_so", [({}, True), ({"SMOKE": "1"}, False)], ids=["no_data", "smoke_asked"])
+def test_a_bare_run_without_fineweb_says_it_runs_the_smoke_run(tmp_path, monkeypatch, capsys, settings, says_so):
+    monkeypatch.setattr(main_module, "run", lambda hp, runtime: 0 if hp.smoke else 5)
+    assert run_in_process(tmp_path, settings, monkeypatch) == 0
+    message = ("smoke: no FineWeb at the default path: running the smoke run (SMOKE=1); "
+               "tools/download_fineweb.py gets FineWeb\n")
+    assert capsys.readouterr().out == (message if says_so else "")
+
+
+def test_arguments_are_refused_with_a_pointer_to_the_settings(capsys):
+    assert main_module.run_cli(["--iterations", "5"]) == 2
+    assert capsys.readouterr().err == ("error: unknown argument '--iterations': settings are environment variables "
+                                       "(see --help)\n")
+
+
 def test_an_unexpected_error_is_logged_and_raised(tmp_path, monkeypatch):
     def bug(hp, runtime):
         raise ValueError("a bug")
@@ -224,10 +239,12 @@ def test_an_unexpected_error_is_logged_and_raised(tmp_path, monkeypatch):
     assert run_log(tmp_path).splitlines()[-1] == "error: unexpected ValueError: a bug (traceback on the console)"
 
 
-def test_help_lists_every_setting_without_starting_a_run(tmp_path, monkeypatch, capsys):
-    assert run_in_process(tmp_path, {}, monkeypatch, ["--help"]) == 0
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_lists_every_setting_without_starting_a_run(tmp_path, monkeypatch, capsys, flag):
+    assert run_in_process(tmp_path, {}, monkeypatch, [flag]) == 0
     out = capsys.readouterr().out
     assert out.startswith("Parameter-golf trainer") and "  SLOT_STEPS " in out and not (tmp_path / "logs").exists()
+    assert out == f"{main_module.USAGE}\n{main_module.describe_settings()}\n"
 
 
 def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeypatch, quick_corpus_8192):
@@ -326,34 +343,75 @@ def test_a_one_second_cap_gets_its_budget_line_too():
     assert lines == ["time_budget: training 900ms + gptq calibration 50ms = 950ms of MAX_WALLCLOCK_SECONDS=1000ms"]
 
 
-@pytest.mark.parametrize("log_name, own_name", [("r7.txt", "m.r7.ptz"), (None, "m.run.ptz")])
-def test_a_run_hands_each_phase_what_the_one_before_made(tmp_path, monkeypatch, log_name, own_name):
-    """The phases with stand-ins: another process writes ARTIFACT_PATH during training, so
-    the run exports beside it under a name of its own (its log's, else "run"); the time
-    budget adds that export's calibration to training's time; what it wrote is scored."""
+def run_with_stand_ins(tmp_path, monkeypatch, runtime, stopped=None, code_bytes=10, after_scoring=lambda: None):
+    """`run` with stand-in phases: another process writes ARTIFACT_PATH (m.ptz) during
+    training; the export writes b"blob" where it is told, with 5 s of calibration. Returns
+    the exit status, the log lines and what was loaded (bytes, name)."""
     monkeypatch.chdir(tmp_path)
     hp = Hyperparameters.from_env({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": "600", "ARTIFACT_PATH": str(tmp_path / "m.ptz")})
-    runtime, seen, lines, data = Runtime(log_path=tmp_path / log_name if log_name else None), {}, [], object()
+    lines, loaded, data = [], [], object()
     runtime.log = lambda message, console=True: lines.append(message)
 
     def train(hp, model, given, runtime):
         assert given is data
         (tmp_path / "m.ptz").write_bytes(b"another run's")
-        return main_module.TrainingTime(590_000.0, 100, None)
+        return main_module.TrainingTime(590_000.0, 100, stopped)
 
     def export(hp, model, runtime, target):
         target.write_bytes(b"blob")
-        return ArtifactReport(path=target, blob=b"blob", code_bytes=10, calibration_seconds=5.0)
+        return ArtifactReport(path=target, blob=b"blob", code_bytes=code_bytes, calibration_seconds=5.0)
+
+    def evaluate(hp, model, given, runtime):
+        after_scoring()
+        return EvalResult(1.0, 1.0, 1.0, 0.0)
 
     monkeypatch.setattr(main_module, "load_data", lambda hp, runtime: data)
     monkeypatch.setattr(main_module, "train", train)
     monkeypatch.setattr(main_module, "export_artifact", export)
     monkeypatch.setattr(main_module, "load_quantized_model",
-                        lambda config, blob, source, runtime: seen.setdefault("loaded", (blob, source)))
-    monkeypatch.setattr(main_module, "evaluate_artifact", lambda hp, model, given, runtime: EvalResult(1.0, 1.0, 1.0, 0.0))
-    assert main_module.run(hp, runtime) == 0
-    assert seen["loaded"] == (b"blob", str(tmp_path / own_name)) and (tmp_path / "m.ptz").read_bytes() == b"another run's"
+                        lambda config, blob, source, runtime: loaded.append((blob, source)))
+    monkeypatch.setattr(main_module, "evaluate_artifact", evaluate)
+    return main_module.run(hp, runtime), lines, loaded
+
+
+@pytest.mark.parametrize("log_name, own_name", [("r7.txt", "m.r7.ptz"), (None, "m.run.ptz")])
+def test_a_run_hands_each_phase_what_the_one_before_made(tmp_path, monkeypatch, log_name, own_name):
+    """Another process wrote ARTIFACT_PATH, so the run exports beside it under a name of its
+    own (its log's, else "run"); the time budget adds the export's calibration to training's
+    time; what it wrote is scored; a run the safety cap stopped says so before the end."""
+    runtime = Runtime(log_path=tmp_path / log_name if log_name else None)
+    status, lines, loaded = run_with_stand_ins(tmp_path, monkeypatch, runtime, stopped="safety_cap" if log_name else None)
+    assert status == 0 and loaded == [(b"blob", str(tmp_path / own_name))]
+    assert (tmp_path / "m.ptz").read_bytes() == b"another run's"
     assert "time_budget: training 590000ms + gptq calibration 5000ms = 595000ms of MAX_WALLCLOCK_SECONDS=600000ms" in lines
+    safety = ("warning: SAFETY_CAP_SECONDS=3600 stopped training at step 100 of ITERATIONS=150: this score is not the "
+              "step-bounded one, and depends on the machine's speed")
+    ending = [*([safety] if log_name else []), f"artifact: {tmp_path / own_name}",
+              f"log: {tmp_path / log_name if log_name else 'none'}"]
+    assert lines[-len(ending):] == ending and (safety in lines) == bool(log_name)
+
+
+def test_a_run_over_the_limit_ends_with_status_1_and_a_replaced_artifact_or_an_unwritable_log_fails(tmp_path, monkeypatch):
+    over, replaced, unlogged = (tmp_path / name for name in ("over", "replaced", "unlogged"))
+    for folder in (over, replaced, unlogged):
+        folder.mkdir()
+    assert run_with_stand_ins(over, monkeypatch, Runtime(), code_bytes=16_000_000)[0] == 1
+
+    def replace():
+        (replaced / "m.run.ptz").write_bytes(b"a third run's")
+
+    with pytest.raises(RunError) as caught:
+        run_with_stand_ins(replaced, monkeypatch, Runtime(), after_scoring=replace)
+    assert str(caught.value) == (f"{replaced / 'm.run.ptz'} was replaced by another process after this run wrote it: "
+                                 "the score above is for this run's own bytes, which are no longer on disk")
+    runtime = Runtime()
+
+    def fail_the_log():
+        runtime.log_failure = "logs/r.txt: cannot write the log (No space left on device); it is incomplete"
+
+    with pytest.raises(RunError) as caught:
+        run_with_stand_ins(unlogged, monkeypatch, runtime, after_scoring=fail_the_log)
+    assert str(caught.value) == runtime.log_failure
 
 
 def test_a_tokenizer_that_cannot_serve_is_named_with_the_reason(tmp_path):
