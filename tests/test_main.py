@@ -161,7 +161,11 @@ def test_the_header_says_a_run_replaces_an_earlier_artifact_and_what_the_safety_
     runtime.log = lambda message, console=True: lines.append(message)
     log_run_header(Hyperparameters.from_env({"SMOKE": "1"}), runtime)
     assert "artifact: final_model.int6.ptz exists (an earlier run's); this run replaces it (set ARTIFACT_PATH to keep it)" in lines
-    assert any(line.startswith("safety_cap: training stops after 3600s even before ITERATIONS") for line in lines)
+    assert lines[-1] == ("safety_cap: training stops after 3600s even before ITERATIONS; the run then says so at the end, "
+                         "and its score is not the step-bounded one")
+    lines.clear()
+    log_run_header(Hyperparameters.from_env({"SAFETY_CAP_SECONDS": "1"}), runtime)  # not the smoke run
+    assert lines[2] == "profile: pr1217" and lines[-1].startswith("safety_cap: training stops after 1s even before")
 
 
 def final_lines(output: str) -> list[str]:
