@@ -11,7 +11,7 @@ new tests are measured without running every mutant again. The last line per sec
 mutants, killed (a timeout counts as killed), survived, not reached by any test.
 Standard library only; mutmut itself is in requirements-dev.txt. On two cores a section
 took from half a minute (shards, 94 mutants) to about 18 minutes (training, 587) and
-MAINMIN (main, 401: each of its mutants runs whole runs); the whole trainer is about
+91 minutes (main, 401: its mutants run whole runs); the whole trainer is about
 7,000 mutants, several hours.
 """
 
