@@ -347,10 +347,11 @@ def test_a_one_second_cap_gets_its_budget_line_too():
     assert lines == ["time_budget: training 900ms + gptq calibration 50ms = 950ms of MAX_WALLCLOCK_SECONDS=1000ms"]
 
 
-def run_with_stand_ins(tmp_path, monkeypatch, runtime, stopped=None, code_bytes=10, after_scoring=lambda: None):
+def run_with_stand_ins(tmp_path, monkeypatch, runtime, stopped=None, code_bytes=10, after_scoring=lambda: None,
+                       interloper=True):
     """`run` with stand-in phases: another process writes ARTIFACT_PATH (m.ptz) during
-    training; the export writes b"blob" where it is told, with 5 s of calibration. Returns
-    the exit status, the log lines and what was loaded (bytes, name)."""
+    training (with `interloper`); the export writes b"blob" where it is told, with 5 s of
+    calibration. Returns the exit status, the log lines and what was loaded (bytes, name)."""
     monkeypatch.chdir(tmp_path)
     hp = Hyperparameters.from_env({"SMOKE": "1", "MAX_WALLCLOCK_SECONDS": "600", "ARTIFACT_PATH": str(tmp_path / "m.ptz")})
     lines, loaded, data = [], [], object()
@@ -358,7 +359,8 @@ def run_with_stand_ins(tmp_path, monkeypatch, runtime, stopped=None, code_bytes=
 
     def train(hp, model, given, runtime):
         assert given is data
-        (tmp_path / "m.ptz").write_bytes(b"another run's")
+        if interloper:
+            (tmp_path / "m.ptz").write_bytes(b"another run's")
         return main_module.TrainingTime(590_000.0, 100, stopped)
 
     def export(hp, model, runtime, target):
@@ -393,6 +395,12 @@ def test_a_run_hands_each_phase_what_the_one_before_made(tmp_path, monkeypatch, 
     ending = [*([safety] if log_name else []), f"artifact: {tmp_path / own_name}",
               f"log: {tmp_path / log_name if log_name else 'none'}"]
     assert lines[-len(ending):] == ending and (safety in lines) == bool(log_name)
+
+
+def test_a_run_replaces_an_earlier_artifact_that_nothing_wrote_since_it_started(tmp_path, monkeypatch):
+    (tmp_path / "m.ptz").write_bytes(b"an earlier run's")
+    status, _, loaded = run_with_stand_ins(tmp_path, monkeypatch, Runtime(), interloper=False)
+    assert status == 0 and loaded == [(b"blob", str(tmp_path / "m.ptz"))] and (tmp_path / "m.ptz").read_bytes() == b"blob"
 
 
 def test_a_run_over_the_limit_ends_with_status_1_and_a_replaced_artifact_or_an_unwritable_log_fails(tmp_path, monkeypatch):
