@@ -201,7 +201,7 @@ def timed_run(smoke_corpus, tokenizer, monkeypatch):
 
 def test_the_wallclock_cap_shapes_the_schedule_and_stops_training(timed_run):
     hp, _, steps, _, log, result = timed_run(MAX_WALLCLOCK_SECONDS="10", WARMDOWN_ITERS="4", ITERATIONS="100", WARMUP_STEPS="0",
-                                     MUON_MOMENTUM_WARMUP_STEPS="4")
+                                             MUON_MOMENTUM_WARMUP_STEPS="4")
     assert len(steps) == 10  # 1 s per step, a 10 s cap
     assert [s["lr"] / hp.matrix_lr for s in steps] == pytest.approx([1] * 7 + [0.75, 0.5, 0.25])
     assert [s["momentum"] for s in steps[:5]] == pytest.approx([0.92, 0.937, 0.955, 0.972, 0.99], abs=1e-3)
@@ -220,7 +220,7 @@ def test_the_step_after_the_late_flag_still_ends_within_the_cap(timed_run, cap, 
     """The stop flags are read a step late, so one more step runs after the step that saw
     the cap near: it is raised two average steps ahead, and that last step ends in time."""
     hp, _, steps, _, log, _ = timed_run(False, MAX_WALLCLOCK_SECONDS=cap, GPTQ_RESERVE_MS=reserve_ms, ITERATIONS="100",
-                                     WARMUP_STEPS="0", WARMDOWN_ITERS="3")
+                                        WARMUP_STEPS="0", WARMDOWN_ITERS="3")
     effective = 1000 * float(cap) - float(reserve_ms)
     assert len(steps) == steps_run and steps_run * 1000 <= effective < (steps_run + 1) * 1000
     assert f"stopping_early: wallclock_cap train_time:{steps_run * 1000}ms step:{steps_run}/100" in log
@@ -230,7 +230,7 @@ def test_the_step_after_the_late_flag_still_ends_within_the_cap(timed_run, cap, 
 def test_a_cap_shorter_than_two_steps_runs_two(timed_run):
     """The only overshoot left: with the flags a step late, at least two steps run."""
     _, _, steps, _, log, _ = timed_run(False, MAX_WALLCLOCK_SECONDS="1", GPTQ_RESERVE_MS="500", ITERATIONS="5",
-                                    WARMUP_STEPS="0")
+                                       WARMUP_STEPS="0")
     assert len(steps) == 2 and any(m.endswith("effective=500ms") for m in log)
     assert "stopping_early: wallclock_cap train_time:2000ms step:2/5" in log
 
@@ -286,7 +286,7 @@ def test_timed_steps_see_the_data_from_its_start_after_warm_up(timed_run, smoke_
 
 def test_late_qat_starts_the_step_after_the_lr_falls_below_the_threshold(timed_run):
     _, model, steps, _, log, _ = timed_run(ITERATIONS="8", WARMDOWN_ITERS="4", WARMUP_STEPS="0", LATE_QAT_THRESHOLD="0.6",
-                                        LATE_QAT_MIN_STEP="0")
+                                           LATE_QAT_MIN_STEP="0")
     # step index 6 runs at 0.5 (< 0.6); the reference switches QAT on for the following step
     assert [s["qat"] for s in steps] == [False] * 7 + [True]
     assert "late_qat:enabled step:7 scale:0.5000" in log
@@ -368,8 +368,8 @@ def test_loops_switch_on_at_their_fraction_and_warm_up_first(timed_run):
     """PR #1493: looping starts at 35% of training (here 20 steps) and stays; the warm-up
     runs WARMUP_STEPS more with the loops on, then resets them."""
     hp, model, steps, _, log, _ = timed_run(False, PROFILE="pr1493", NUM_LAYERS="4", LOOP_START="1", LOOP_END="2",
-                                         PARALLEL_RESIDUAL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0",
-                                         VOCAB_SIZE="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0")
+                                            PARALLEL_RESIDUAL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0",
+                                            VOCAB_SIZE="1024", ITERATIONS="20", WARMUP_STEPS="2", MAX_WALLCLOCK_SECONDS="0")
     warmup = [line for line in log if "warmup_step" in line]
     assert warmup == ["warmup_step:1/2", "warmup_step:2/2", "loop_warmup_step:1/2", "loop_warmup_step:2/2"]
     assert [s["looping"] for s in steps] == [False] * 7 + [True] * 13  # step 7 of 20 is the first at >= 0.35
@@ -430,8 +430,8 @@ def test_a_model_without_loops_never_loops(timed_run):
 def test_one_loop_switches_on_by_time_under_a_cap(timed_run):
     """With a 20 s cap, 35% of training is 7 s, whatever ITERATIONS says."""
     _, _, steps, _, log, _ = timed_run(False, PROFILE="pr1493", NUM_LAYERS="4", LOOP_START="1", LOOP_END="2", NUM_LOOPS="1",
-                                    PARALLEL_RESIDUAL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="1024",
-                                    ITERATIONS="1000", WARMUP_STEPS="1", MAX_WALLCLOCK_SECONDS="9", GPTQ_RESERVE_MS="0")
+                                       PARALLEL_RESIDUAL_START="3", XSA_LAST_N="4", BIGRAM_VOCAB_SIZE="0", VOCAB_SIZE="1024",
+                                       ITERATIONS="1000", WARMUP_STEPS="1", MAX_WALLCLOCK_SECONDS="9", GPTQ_RESERVE_MS="0")
     assert [line for line in log if "warmup_step" in line] == ["warmup_step:1/1", "loop_warmup_step:1/1"]
     assert [s["looping"] for s in steps] == [False] * 4 + [True] * 5  # 4 s of 9 is the first past 35%
     assert "layer_loop:enabled step:4 frac:0.444 encoder:[0, 1, 2] decoder:[1, 2, 3]" in log
