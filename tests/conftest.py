@@ -194,10 +194,11 @@ def _gloo_worker(rank: int, port: int, job: Callable[[int], Any], results) -> No
 
 def on_two_ranks(job: Callable[[int], Any]) -> list[Any]:
     """Run job(rank) in 2 gloo processes (the job initialises the group, e.g. through
-    start_runtime); returns each rank's result. job must be a module-level function."""
+    start_runtime); returns each rank's result. The processes are forked: they start with
+    what this one has imported, where spawned ones would spend seconds importing torch."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_gloo_worker, args=(free_port(), job, results), nprocs=2, join=True)
+        mp.start_processes(_gloo_worker, args=(free_port(), job, results), nprocs=2, join=True, start_method="fork")
         return [results[0], results[1]]
 
 

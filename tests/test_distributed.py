@@ -1,8 +1,8 @@
 """trainer.runtime, optimizer, evaluation and the whole run on 2 gloo processes: the same math as one.
 
-One spawn serves every check (each process start costs seconds): the sharded MuonEq-R
-with and without reduce-scatter, every evaluation, and a whole training run of 2 ranks
-against 1 rank with 2 micro-steps.
+One pair of processes serves every check: the sharded MuonEq-R with and without
+reduce-scatter, every evaluation, and a whole training run of 2 ranks against 1 rank with
+2 micro-steps.
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def quick_settings(quick_corpus) -> dict[str, str]:
 def shipped_run(folder, settings: dict) -> subprocess.Popen:
     environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
     return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=folder, text=True,
-                            env={**environ, **settings, "OMP_NUM_THREADS": "1"},
+                            env={**environ, **settings, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
@@ -66,22 +66,22 @@ def assert_ended(case: str, folder, returncode: int, stderr: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def shipped_endings(tmp_path_factory, quick_corpus) -> dict[str, tuple]:
-    """The shipped file on every case of SHIPPED_ENDINGS, all started at once (each process
-    spends about a second importing torch), "sigterm" signalled after its first training
-    step: {case: (folder, exit status, stderr)}."""
-    started = {}
+def shipped_runs(tmp_path_factory, quick_corpus) -> dict[str, tuple]:
+    """The shipped file on the quick settings and on every case of SHIPPED_ENDINGS, all
+    started at once (each process spends about a second importing torch), "sigterm"
+    signalled after its first training step: {case: (folder, exit status, stdout, stderr)}."""
+    started = {"quick": (tmp_path_factory.mktemp("quick"), quick_settings(quick_corpus))}
     for case in SHIPPED_ENDINGS:
-        folder = tmp_path_factory.mktemp(case)
-        started[case] = folder, shipped_run(folder, {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **ENDINGS[case][0]})
-    sigterm = started["sigterm"][1]
+        started[case] = tmp_path_factory.mktemp(case), {**QUICK_RUN, "DATA_PATH": str(quick_corpus), **ENDINGS[case][0]}
+    processes = {case: shipped_run(folder, settings) for case, (folder, settings) in started.items()}
+    sigterm = processes["sigterm"]
     while not (sigterm.stdout.readline() or "step:1/").startswith("step:1/"):
         pass
     sigterm.send_signal(signal.SIGTERM)
     ended = {}
-    for case, (folder, process) in started.items():
-        stderr = process.communicate(timeout=600)[1]
-        ended[case] = folder, process.returncode, stderr
+    for case, process in processes.items():
+        stdout, stderr = process.communicate(timeout=600)
+        ended[case] = started[case][0], process.returncode, stdout, stderr
     return ended
 
 
@@ -175,21 +175,21 @@ def final_lines(output: str) -> list[str]:
 
 
 @pytest.mark.packed
-def test_the_shipped_file_behaves_like_the_source(tmp_path, quick_corpus, quick_run):
+def test_the_shipped_file_behaves_like_the_source(shipped_runs, quick_run):
     status, log, _, _ = quick_run
-    shipped = shipped_run(tmp_path, quick_settings(quick_corpus))
-    stdout, stderr = shipped.communicate(timeout=600)
-    assert status == shipped.returncode == 0, stderr[-2000:]
+    _, returncode, stdout, stderr = shipped_runs["quick"]
+    assert status == returncode == 0, stderr[-2000:]
     assert final_lines(log) == final_lines(stdout) and len(final_lines(stdout)) > 8
     assert running_code().shipped_sha256[:16] in stdout.splitlines()[1]  # the same shipped hash either way
 
 
 @pytest.mark.packed
 @pytest.mark.parametrize("case", SHIPPED_ENDINGS)
-def test_how_the_shipped_file_ends(shipped_endings, case):
+def test_how_the_shipped_file_ends(shipped_runs, case):
     """Exit status 2 for bad input (one line, at start), 128+N for a signal; the line in the
     log too once the log exists."""
-    assert_ended(case, *shipped_endings[case])
+    folder, returncode, _, stderr = shipped_runs[case]
+    assert_ended(case, folder, returncode, stderr)
 
 
 @pytest.mark.parametrize("case", [case for case in ENDINGS if case not in SHIPPED_ENDINGS])
@@ -255,15 +255,15 @@ def test_the_pr1493_smoke_run_trains_loops_and_scores_with_ttt(tmp_path, monkeyp
     """PROFILE=pr1493 SMOKE=1 end to end at a few steps: the SP8192 smoke corpus (its
     validation text cut short), loops switched on during training, parallel residuals,
     SDClip GPTQ incl. the token table, score-first TTT counted."""
-    settings = {"PROFILE": "pr1493", "SMOKE": "1", "ITERATIONS": "4", "VAL_LOSS_EVERY": "0", "TRAIN_BATCH_TOKENS": "1024",
-                "DATA_PATH": str(quick_corpus_8192),
-                "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64", "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "64", "ROPE_TRAIN_SEQ_LEN": "64",
-                "GPTQ_CALIB_SAMPLES": "1", "MODEL_DIM": "64", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
+    settings = {"PROFILE": "pr1493", "SMOKE": "1", "ITERATIONS": "2", "WARMUP_STEPS": "1", "VAL_LOSS_EVERY": "0",
+                "TRAIN_BATCH_TOKENS": "1024", "DATA_PATH": str(quick_corpus_8192), "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "64",
+                "EVAL_STRIDE": "64", "EVAL_BATCH_SEQS": "64", "ROPE_TRAIN_SEQ_LEN": "64", "GPTQ_CALIB_SAMPLES": "1",
+                "MODEL_DIM": "32", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "NUM_LAYERS": "4", "LOOP_START": "1", "LOOP_END": "2",
                 "PARALLEL_RESIDUAL_START": "3", "XSA_LAST_N": "4", "TTT_CHUNK_TOKENS": "1024", "RUN_ID": "pr1493"}
     assert run_in_process(tmp_path, settings, monkeypatch) == 0
     log = run_log(tmp_path)
-    assert "profile: pr1493 smoke" in log and "loop_warmup_step:2/2" in log
-    assert "layer_loop:enabled step:2 frac:0.500 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
+    assert "profile: pr1493 smoke" in log and "loop_warmup_step:1/1" in log
+    assert "layer_loop:enabled step:1 frac:0.500 encoder:[0, 1, 2, 1] decoder:[2, 1, 2, 3]" in log
     assert re.search(r"^gptq_quantize: 25 GPTQ matrices, 0 rounded per row", log, re.MULTILINE)  # 4 layers x 6 + the table
     assert re.search(r"^final_score legal_ttt_exact val_bpb:[\d.]+ slot:off causal:yes accepted:yes ", log, re.MULTILINE)
     assert re.search(r"^tokenizer_sha256:[0-9a-f]{64} \(matches the data's manifest\)$", log, re.MULTILINE)
