@@ -33,6 +33,8 @@ def quick_settings(quick_corpus) -> dict[str, str]:
 
 
 def shipped_run(folder, settings: dict) -> subprocess.Popen:
+    """The shipped file started in `folder`. Several run at once on two cores, each with the
+    smoke run's two threads: a thread that waits sleeps rather than spins (OMP_WAIT_POLICY)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("RUN_ID", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
     return subprocess.Popen([sys.executable, str(ROOT / "train_gpt.py")], cwd=folder, text=True,
                             env={**environ, **settings, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
