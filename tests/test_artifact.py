@@ -618,7 +618,8 @@ def test_export_writes_what_it_scores_and_says_where(tmp_path, calibration_data)
     assert blob == report.blob and report.path == tmp_path / "m.ptz" and runtime.stage == "during quantisation"
     assert 0 < report.calibration_seconds < 60 and report.code_bytes == running_code().shipped_bytes
     inputs = len(collect_hessians(hp, model, Runtime()))
-    assert lines[1] == f"gptq:calibrated {inputs} layer inputs in {report.calibration_seconds:.1f}s"
+    assert lines[:2] == ["gptq:calibrating with 1 batches (training data)...",
+                         f"gptq:calibrated {inputs} layer inputs in {report.calibration_seconds:.1f}s"]
     _, meta = decode_artifact(blob, "m.ptz", body_limit(model.config))
     assert meta["model"] == model.config.function_fields()
     quantised = sum(scheme != "fp16" for scheme in meta["schemes"].values())
